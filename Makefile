@@ -1,0 +1,40 @@
+# Two commands set up a fresh machine: `make demo` and `make test` (see README.md).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+OS     := $(shell uname -s)
+ARCH   := $(shell uname -m)
+comma  := ,
+
+# Linux: the torch 2.13.0 CPU build (on this project's machines it lies on local disk), mlx[cpu],
+# and the Triton/fla extra so that the TRITON_INTERPRET kernel tests run. macOS: plain pins.
+ifeq ($(OS),Linux)
+  TORCH_PIN := torch==2.13.0
+  EXTRAS    := torch,mlx,plot,dev$(if $(filter x86_64,$(ARCH)),$(comma)cuda,)
+else
+  TORCH_PIN := torch>=2.6,<2.15
+  EXTRAS    := torch,mlx,plot,dev
+endif
+
+.PHONY: demo test test-slow lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PIP) install "$(TORCH_PIN)"
+	$(PIP) install -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lmsleep demo
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q --durations=15
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

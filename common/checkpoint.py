@@ -1,0 +1,275 @@
+"""The model-folder format, written once for both backends (SPEC section 5).
+
+A model folder holds `config.json`, the weights as one `model.safetensors` or as shards
+`model-00001-of-0000K.safetensors` with `model.safetensors.index.json`, and optionally
+`tokenizer.json`. This module knows the canonical tensor names and shapes for a config, reads
+safetensors headers without any framework, validates a folder, plans shards and makes every write
+atomic. The backends only turn arrays into files and back with their own safetensors support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+from common.config import ModelConfig
+
+FORMAT = "lm-sleep"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype tag -> bytes per element
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "U32": 4, "BOOL": 1}
+
+
+class CheckpointError(ValueError):
+    """A model folder or memory file that cannot be used; the message is one line for the user."""
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape for every tensor of a model with this config, in a fixed order."""
+    c = config
+    d, hd, dk, dv = c.d_model, c.n_heads * c.head_dim, c.ssm_heads * c.ssm_head_dim, c.ssm_heads * c.ssm_v_dim
+    shapes = {"embed.weight": (c.vocab_size, d)}
+    for i, kind in enumerate(c.layer_types):
+        p = f"layers.{i}."
+        shapes[p + "norm1.weight"] = (d,)
+        if kind == "A":
+            for name, out_dim in (("q_proj", hd), ("k_proj", hd), ("v_proj", hd)):
+                shapes[p + f"attn.{name}.weight"] = (out_dim, d)
+            shapes[p + "attn.o_proj.weight"] = (d, hd)
+        else:
+            for name, out_dim in (("q_proj", dk), ("k_proj", dk), ("v_proj", dv), ("a_proj", c.ssm_heads),
+                                  ("b_proj", c.ssm_heads), ("g_proj", dv)):
+                shapes[p + f"ssm.{name}.weight"] = (out_dim, d)
+            shapes[p + "ssm.o_proj.weight"] = (d, dv)
+            if c.conv_size:
+                for name, ch in (("q_conv", dk), ("k_conv", dk), ("v_conv", dv)):
+                    shapes[p + f"ssm.{name}.weight"] = (ch, c.conv_size)
+            shapes[p + "ssm.A_log"] = (c.ssm_heads,)
+            shapes[p + "ssm.dt_bias"] = (c.ssm_heads,)
+            shapes[p + "ssm.o_norm.weight"] = (c.ssm_v_dim,)
+        shapes[p + "norm2.weight"] = (d,)
+        for name, shape in (("gate_proj", (c.mlp_hidden, d)), ("up_proj", (c.mlp_hidden, d)),
+                            ("down_proj", (d, c.mlp_hidden))):
+            shapes[p + f"mlp.{name}.weight"] = shape
+    shapes["norm.weight"] = (d,)
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, d)
+    return shapes
+
+
+# --- config.json ---------------------------------------------------------------------------------
+
+def config_document(config: ModelConfig, tokenizer: dict | None = None, **extra) -> dict:
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
+    if tokenizer is not None:
+        doc["tokenizer"] = tokenizer
+    doc.update(extra)
+    return doc
+
+
+def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    """Read and validate a folder's config.json -> (ModelConfig, the whole document)."""
+    path = Path(folder) / CONFIG_FILE
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"{folder}: not a model folder (no such directory)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not an lm-sleep model folder)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format is {doc.get('format') if isinstance(doc, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {doc.get('format_version')!r} is not supported "
+                              f"(this lm-sleep reads version {FORMAT_VERSION})")
+    try:
+        config = ModelConfig.from_dict(doc.get("model"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad model config: {e}") from None
+    return config, doc
+
+
+# --- safetensors headers (no framework needed) ---------------------------------------------------
+
+def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype tag, shape) from a safetensors file; checks the file is long enough."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    out, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        out[name] = (info["dtype"], tuple(info["shape"]))
+        end = max(end, info["data_offsets"][1])
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
+    return out
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__", {}) or {}
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model folder (one file, or the shards its index names)."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).is_file():
+        try:
+            index = json.loads((folder / INDEX_FILE).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise CheckpointError(f"{folder / INDEX_FILE}: corrupt shard index") from None
+        files = [folder / n for n in names]
+    else:
+        files = [folder / WEIGHTS_FILE]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing weights file")
+    return files
+
+
+def expected_shapes(config: ModelConfig, quantization: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a folder must hold; quantized folders pack weights and add scales/biases."""
+    shapes = param_shapes(config)
+    if not quantization:
+        return shapes
+    bits, group = quantization["bits"], quantization["group_size"]
+    quantized = set(quantization.get("layers", []))
+    out = {}
+    for name, shape in shapes.items():
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base in quantized:
+            rows, cols = shape
+            out[name] = (rows, cols * bits // 32)
+            out[base + ".scales"] = (rows, cols // group)
+            out[base + ".biases"] = (rows, cols // group)
+        else:
+            out[name] = shape
+    return out
+
+
+def validate_folder(folder: str | os.PathLike) -> tuple[ModelConfig, dict, dict[str, Path]]:
+    """Check config.json and every tensor header -> (config, document, name -> file holding it)."""
+    config, doc = read_config(folder)
+    expected = expected_shapes(config, doc.get("quantization"))
+    where: dict[str, Path] = {}
+    found: dict[str, tuple[int, ...]] = {}
+    for f in weight_files(folder):
+        for name, (dtype, shape) in read_header(f).items():
+            if dtype not in DTYPE_SIZES:
+                raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {dtype}")
+            found[name], where[name] = shape, f
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [n for n in found if n not in expected]
+    if extra:
+        raise CheckpointError(f"{folder}: unexpected tensor {extra[0]}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + " (config and weights do not match)")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise CheckpointError(f"{where[name]}: tensor {name} has shape {list(found[name])}, "
+                                  f"config says {list(shape)}")
+    return config, doc, where
+
+
+# --- sharding and atomic writes ------------------------------------------------------------------
+
+def plan_shards(sizes: dict[str, int], shard_size: int | None) -> list[list[str]]:
+    """Split names (in order) into groups of at most shard_size bytes (one group when None)."""
+    if not shard_size:
+        return [list(sizes)]
+    shards, current, used = [], [], 0
+    for name, nbytes in sizes.items():
+        if current and used + nbytes > shard_size:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    return shards + [current] if current else shards
+
+
+def shard_names(n: int) -> list[str]:
+    return [WEIGHTS_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def index_document(shards: list[list[str]], total_bytes: int) -> dict:
+    files = shard_names(len(shards))
+    return {"metadata": {"total_size": total_bytes},
+            "weight_map": {name: files[i] for i, names in enumerate(shards) for name in names}}
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
+
+    An existing `path` is refused unless overwrite=True; on any error the temporary folder is
+    removed and `path` is left exactly as it was.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = True):
+    """Yield a temporary file path beside `path`; on success rename it onto `path`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, doc: dict) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")

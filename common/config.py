@@ -1,0 +1,268 @@
+"""Configs for the model and the trainer: flat dataclasses, validated on construction.
+
+`ModelConfig` holds every field of SPEC section 2; `TrainConfig` the optimizer and loop settings.
+Both round-trip through JSON (`to_dict` / `from_dict`) and have named presets (`from_name`).
+Every bad value raises ValueError naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+
+SSM_RULES = ("delta", "hebbian")
+EVICTIONS = ("hard", "sliding")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+SCAN_IMPLS = ("auto", "ref", "chunk", "kernel")
+
+
+class _Config:
+    """Shared JSON plumbing for the flat config dataclasses (no registry, no framework)."""
+
+    @classmethod
+    def from_dict(cls, d: dict, strict: bool = True):
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown and strict:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(cls.__name__, k, v, hints[k]) for k, v in d.items() if k in names}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, strict: bool = True):
+        return cls.from_dict(json.loads(text), strict=strict)
+
+    def replace(self, **overrides):
+        """A copy with some fields changed (validated, unknown names rejected)."""
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+    @classmethod
+    def from_name(cls, name: str, **overrides):
+        presets = cls._presets()
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(presets))}")
+        return presets[name].replace(**overrides)
+
+
+def _coerce(owner: str, name: str, value, hint):
+    """Check a JSON value against a field's type hint; ints pass as floats, lists as tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    bad = ValueError(f"{owner}.{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return tuple(_coerce(owner, name, v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif hint is str and not isinstance(value, str):
+        raise bad
+    return value
+
+
+def _check(ok: bool, owner: str, name: str, value, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{owner}.{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    vocab_size: int = 256  # tokens in the vocabulary (the task's tokenizer decides)
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # number of blocks
+    pattern: str = "AS"  # A = attention block, S = SSM block; tiled to n_layers
+    n_heads: int = 4  # attention heads
+    head_dim: int = 64  # attention head size (even: rotary pairs)
+    ssm_heads: int = 4  # SSM heads
+    ssm_head_dim: int = 64  # SSM key size Dk
+    ssm_value_dim: int | None = None  # SSM value size Dv; None = ssm_head_dim
+    ssm_rule: str = "delta"  # "delta" (Gated DeltaNet) or "hebbian" (gated linear attention)
+    conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
+    mlp_hidden: int = 1024  # SwiGLU hidden size
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary base
+    tie_embeddings: bool = True  # LM head shares the embedding matrix
+    window: int = 24  # L: tokens the attention sees before eviction
+    eviction: str = "hard"  # "hard": cache cleared after sleep; "sliding": last L-1 kept
+    sleep_passes: int = 1  # N: passes over a full window when it sleeps (1 = plain hybrid)
+    sleep_layers: tuple[int, int] | None = None  # [start, end) of looped blocks; None = all
+
+    @classmethod
+    def _presets(cls):
+        return PRESETS
+
+    def __post_init__(self):
+        c = "ModelConfig"
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "ssm_heads",
+                     "ssm_head_dim", "mlp_hidden", "window", "sleep_passes"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   c, name, value, "must be an integer >= 1")
+        _check(self.vocab_size >= 2, c, "vocab_size", self.vocab_size, "must be >= 2")
+        _check(isinstance(self.pattern, str) and len(self.pattern) > 0
+               and set(self.pattern) <= {"A", "S"}, c, "pattern", self.pattern,
+               "must be a non-empty string of 'A' and 'S'")
+        _check(self.head_dim % 2 == 0, c, "head_dim", self.head_dim, "must be even (rotary)")
+        _check(self.ssm_value_dim is None or (isinstance(self.ssm_value_dim, int)
+                                              and self.ssm_value_dim >= 1),
+               c, "ssm_value_dim", self.ssm_value_dim, "must be None or an integer >= 1")
+        _check(self.ssm_rule in SSM_RULES, c, "ssm_rule", self.ssm_rule, f"must be one of {SSM_RULES}")
+        _check(self.eviction in EVICTIONS, c, "eviction", self.eviction, f"must be one of {EVICTIONS}")
+        _check(isinstance(self.conv_size, int) and self.conv_size >= 0, c, "conv_size",
+               self.conv_size, "must be an integer >= 0")
+        _check(self.norm_eps > 0, c, "norm_eps", self.norm_eps, "must be > 0")
+        _check(self.rope_theta > 0, c, "rope_theta", self.rope_theta, "must be > 0")
+        if self.sleep_layers is not None:
+            ok = (len(self.sleep_layers) == 2 and 0 <= self.sleep_layers[0] < self.sleep_layers[1]
+                  <= self.n_layers)
+            _check(ok, c, "sleep_layers", self.sleep_layers,
+                   f"must be [start, end) with 0 <= start < end <= n_layers={self.n_layers}")
+            object.__setattr__(self, "sleep_layers", tuple(self.sleep_layers))
+
+    # Derived values (not stored: a config has one source of truth).
+    @property
+    def layer_types(self) -> str:
+        """'A'/'S' per block: the pattern tiled to n_layers."""
+        reps = -(-self.n_layers // len(self.pattern))
+        return (self.pattern * reps)[: self.n_layers]
+
+    @property
+    def ssm_v_dim(self) -> int:
+        return self.ssm_value_dim or self.ssm_head_dim
+
+    @property
+    def loop_range(self) -> tuple[int, int]:
+        """[start, end) of the blocks a sleep pass repeats."""
+        return self.sleep_layers or (0, self.n_layers)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    muon_lr: float = 2e-3  # Muon learning rate for block matrices (paper: 2e-3 synthetic)
+    adamw_lr: float = 5e-5  # AdamW learning rate for embeddings, norms, gates, head
+    weight_decay: float = 0.0  # decoupled weight decay (both optimizers)
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    muon_momentum: float = 0.95  # Muon momentum
+    warmup_steps: int = 100  # linear warmup steps
+    schedule: str = "cosine"  # decay after warmup: cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
+    batch_size: int = 64  # global batch (examples per optimizer step)
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
+    steps: int = 1000  # optimizer steps
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    seed: int = 0  # init + data seed
+    eval_interval: int = 100  # steps between evals; 0 disables
+    eval_samples: int = 512  # examples per eval
+    save_interval: int = 500  # steps between checkpoints; 0 = only at the end
+    log_interval: int = 10  # steps between metric lines
+    checkpoint_windows: bool = False  # recompute each window in backward (activation checkpointing)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (states stay float32)
+    scan_impl: str = "auto"  # ssm_scan impl used for training
+
+    @classmethod
+    def _presets(cls):
+        return TRAIN_PRESETS
+
+    def __post_init__(self):
+        c = "TrainConfig"
+        for name in ("muon_lr", "adamw_lr"):
+            _check(getattr(self, name) > 0, c, name, getattr(self, name), "must be > 0")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "eval_interval", "save_interval"):
+            _check(getattr(self, name) >= 0, c, name, getattr(self, name), "must be >= 0")
+        for name in ("batch_size", "grad_accum", "steps", "eval_samples", "log_interval"):
+            _check(getattr(self, name) >= 1, c, name, getattr(self, name), "must be >= 1")
+        _check(self.batch_size % self.grad_accum == 0, c, "grad_accum", self.grad_accum,
+               f"must divide batch_size={self.batch_size}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, c, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), c,
+               "adam_betas", self.adam_betas, "must be two numbers in [0, 1)")
+        _check(0 <= self.muon_momentum < 1, c, "muon_momentum", self.muon_momentum, "must be in [0, 1)")
+        _check(self.schedule in SCHEDULES, c, "schedule", self.schedule, f"must be one of {SCHEDULES}")
+        _check(self.dtype in DTYPES, c, "dtype", self.dtype, f"must be one of {DTYPES}")
+        _check(self.scan_impl in SCAN_IMPLS, c, "scan_impl", self.scan_impl, f"must be one of {SCAN_IMPLS}")
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+
+
+# Named presets. Vocabulary and window of the paper presets match their tasks (rule110: 3 symbols,
+# window 24; depo: window 75); the trainer adopts the task's values when they differ from a preset
+# default and refuses explicit overrides that contradict the task.
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny: for tests and smoke runs (a few ms per step).
+    "debug": ModelConfig(vocab_size=16, d_model=32, n_layers=2, pattern="AS", n_heads=2, head_dim=16,
+                         ssm_heads=2, ssm_head_dim=16, conv_size=4, mlp_hidden=64, window=8,
+                         sleep_passes=2),
+    # Laptop scale of the Rule 110 model: width 64 (PAPER.md "observed at laptop scale").
+    "small-rule110": ModelConfig(vocab_size=3, d_model=64, n_layers=4, pattern="AS", n_heads=4,
+                                 head_dim=16, ssm_heads=4, ssm_head_dim=16, mlp_hidden=256, window=24),
+    # Paper, Rule 110: 4 layers A,S,A,S, width 256, L = 24.
+    "paper-rule110": ModelConfig(vocab_size=3, d_model=256, n_layers=4, pattern="AS", n_heads=4,
+                                 head_dim=64, ssm_heads=4, ssm_head_dim=64, mlp_hidden=1024, window=24),
+    # Paper, Depo: 10-layer hybrid, width 512, L = 75.
+    "paper-depo": ModelConfig(vocab_size=256, d_model=512, n_layers=10, pattern="AS", n_heads=8,
+                              head_dim=64, ssm_heads=8, ssm_head_dim=64, mlp_hidden=2048, window=75),
+}
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "debug": TrainConfig(muon_lr=1e-2, adamw_lr=1e-3, warmup_steps=10, batch_size=8, steps=50,
+                         eval_interval=25, eval_samples=64, save_interval=0, log_interval=5),
+    "small-rule110": TrainConfig(muon_lr=1e-2, adamw_lr=1e-3, warmup_steps=50, batch_size=64,
+                                 steps=1000, eval_interval=100, eval_samples=512),
+    "paper-rule110": TrainConfig(muon_lr=2e-3, adamw_lr=5e-5, batch_size=512, steps=10000),
+    "paper-depo": TrainConfig(muon_lr=2e-3, adamw_lr=5e-5, batch_size=128, steps=10000),
+}
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'key=value' -> (key, value); the value is read as JSON when it parses, else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"bad override {text!r}: expected key=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Route flat overrides to (model, train) by field name; unknown names raise ValueError."""
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    model, train = {}, {}
+    for key, value in overrides.items():
+        if key in model_names:
+            model[key] = value
+        elif key in train_names:
+            train[key] = value
+        else:
+            raise ValueError(f"unknown config field {key!r} (not in ModelConfig or TrainConfig)")
+    return model, train
+
+
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "TRAIN_PRESETS", "parse_override",
+           "split_overrides"]

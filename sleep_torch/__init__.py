@@ -1,0 +1,5 @@
+"""PyTorch backend of lm-sleep: `from sleep_torch import HybridLM, load, save`."""
+
+from sleep_torch.model import HybridLM, State
+
+__all__ = ["HybridLM", "State"]
