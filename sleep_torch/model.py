@@ -61,7 +61,7 @@ class State:
 
 
 class HybridLM(nn.Module):
-    def __init__(self, config: ModelConfig, seed: int = 0):
+    def __init__(self, config: ModelConfig, seed: int | None = 0):
         super().__init__()
         self.config = config
         c = config
@@ -71,7 +71,9 @@ class HybridLM(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.checkpoint_windows = False  # recompute each window in backward (training memory)
-        self.load_arrays(init_params(c, seed))
+        self.tokenizer = None  # set by `load` from the folder's config.json
+        if seed is not None:  # None: weights are about to be loaded, skip drawing them
+            self.load_arrays(init_params(c, seed))
 
     # --- weights ---------------------------------------------------------------------------------
     def load_arrays(self, arrays: dict[str, np.ndarray | torch.Tensor]) -> None:

@@ -1,0 +1,69 @@
+"""save / load of model folders (SPEC section 5) with torch's safetensors support.
+
+The format itself (config.json, canonical names and shapes, shards, validation, atomic writes)
+lives in common.checkpoint; this file only moves tensors between torch and safetensors files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common import checkpoint as ckpt
+from common.tokenizers import tokenizer_from_dict
+from sleep_torch.model import HybridLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def save(model: HybridLM, path: str | os.PathLike, *, dtype: str | None = None, shard_size: int | None = None,
+         overwrite: bool = False, tokenizer: dict | None = None, **extra) -> None:
+    """Write `model` as a model folder. dtype: None keeps the parameters' dtype; shard_size in bytes."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tensors = {name: (p.detach().to(DTYPES[dtype]) if dtype else p.detach()).cpu().contiguous()
+               for name, p in model.named_parameters()}
+    if tokenizer is None and getattr(model, "tokenizer", None) is not None:
+        tokenizer = model.tokenizer.to_dict()
+    write_tensors(path, tensors, ckpt.config_document(model.config, tokenizer, **extra),
+                  shard_size=shard_size, overwrite=overwrite)
+
+
+def write_tensors(path, tensors: dict[str, torch.Tensor], config_doc: dict, *, shard_size=None,
+                  overwrite=False) -> None:
+    """Atomically write a folder: config.json + safetensors shards (+ index when sharded)."""
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    shards = ckpt.plan_shards(sizes, shard_size)
+    with ckpt.atomic_folder(path, overwrite=overwrite) as tmp:
+        for names, fname in zip(shards, ckpt.shard_names(len(shards))):
+            save_file({n: tensors[n] for n in names}, str(tmp / fname),
+                      metadata={"format": ckpt.FORMAT, "backend": "torch"})
+        if len(shards) > 1:
+            ckpt.write_json(tmp / ckpt.INDEX_FILE, ckpt.index_document(shards, sum(sizes.values())))
+        ckpt.write_json(tmp / ckpt.CONFIG_FILE, config_doc)
+
+
+def read_tensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Validate a folder and read every tensor -> (config.json document, {name: tensor})."""
+    _, doc, where = ckpt.validate_folder(path)
+    tensors = {}
+    for f in sorted(set(where.values())):
+        tensors.update(load_file(str(f)))
+    return doc, tensors
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None, device: str | torch.device | None = None) -> HybridLM:
+    """Load a model folder written by either backend. dtype None keeps the stored dtype."""
+    config, doc, _ = ckpt.validate_folder(path)
+    if doc.get("quantization"):
+        raise ckpt.CheckpointError(f"{path}: quantized folders run on the MLX backend; dequantize it with "
+                                   "`lmsleep convert --dequantize` to use it with torch")
+    _, tensors = read_tensors(path)
+    model = HybridLM(config, seed=None)
+    stored = next(iter(tensors.values())).dtype
+    model.to(DTYPES[dtype] if dtype else stored)
+    model.load_arrays(tensors)
+    model.tokenizer = tokenizer_from_dict(doc["tokenizer"]) if doc.get("tokenizer") else None
+    return model.to(device) if device is not None else model
