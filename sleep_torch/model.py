@@ -72,6 +72,7 @@ class HybridLM(nn.Module):
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.checkpoint_windows = False  # recompute each window in backward (training memory)
         self.tokenizer = None  # set by `load` from the folder's config.json
+        self.tracer = None  # optional callback(stage, index, tensor) for parity checks (convert.parity)
         if seed is not None:  # None: weights are about to be loaded, skip drawing them
             self.load_arrays(init_params(c, seed))
 
@@ -182,6 +183,7 @@ class HybridLM(nn.Module):
         cur_k, cur_v = list(state.cur_k), list(state.cur_v)
         hidden = state.hidden
         h = self.embed(tokens)  # (B, t, d)
+        self._trace("embed", 0, h)
         for i, block in enumerate(self.layers):
             if block.kind == "A":
                 past_k = torch.cat([state.past_k[i], state.cur_k[i]], 1)
@@ -192,6 +194,7 @@ class HybridLM(nn.Module):
                 h, (running[i], conv[i]) = block(h, running[i], conv[i])
             if i == b - 1:
                 hidden = torch.cat([hidden, h], 1)
+            self._trace("block", i, h)
         t = tokens.shape[1]
         new = dataclasses.replace(state, running=running, conv=conv, cur_k=cur_k, cur_v=cur_v, hidden=hidden,
                                   offset=state.offset + t, seen=state.seen + t)
@@ -211,11 +214,13 @@ class HybridLM(nn.Module):
         committed = list(state.running)  # pass 1 = the wake pass; N = 1 commits it as is
         if passes > 1:
             h = state.hidden  # pass 1's output at the end of the looped range
-            for _ in range(passes - 1):
+            for n in range(2, passes + 1):
                 for i in range(a, b):
                     h, committed[i] = self._full_pass(i, h, committed[i], state)
+                    self._trace(f"sleep{n}.state", i, committed[i])
             for i in range(b, len(self.layers)):  # coda: again from S_w on the last loop's output
                 h, committed[i] = self._full_pass(i, h, state.committed[i], state)
+                self._trace("coda.state", i, committed[i])
         keep = self.config.window - 1 if self.config.eviction == "sliding" else 0
         past_k, past_v = list(state.past_k), list(state.past_v)
         cur_k, cur_v = list(state.cur_k), list(state.cur_v)
@@ -230,6 +235,10 @@ class HybridLM(nn.Module):
                                    conv=[None] * len(self.layers), past_k=past_k, past_v=past_v,
                                    cur_k=cur_k, cur_v=cur_v, hidden=state.hidden[:, :0], offset=0, due=0,
                                    sleeps=state.sleeps + 1)
+
+    def _trace(self, stage: str, index: int, value) -> None:
+        if self.tracer is not None and value is not None:
+            self.tracer(stage, index, value)
 
     def head(self, h):
         h = self.norm(h)
