@@ -1,0 +1,196 @@
+"""Modules of the hybrid (SPEC section 2): RMSNorm, rotary, Attention, SSMMixer, MLP, Block.
+
+MLX mirror of sleep_torch/layers.py: same classes, arguments and parameter names (= checkpoint
+keys); `__call__` where torch has `forward`. The mixers are pure with respect to their caches: they
+take what came before (past keys/values, the SSM state, the short-conv tail) as arguments and return
+the new pieces, so the model decides what a wake pass keeps and what a sleep pass throws away.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from common.config import ModelConfig
+from sleep_mlx import ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dim,))
+
+    def __call__(self, x):
+        # x * rsqrt(mean(x^2) + eps) * w in float32: bit-equal to the plain formula for fp32 inputs; for
+        # bf16 it rounds once after the weight, torch rounds before it (a last-bit difference).
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def rotary(x, positions, theta: float):
+    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * theta^(-2i/D) ("rotate_half").
+
+    positions [T] must be consecutive integers (always so here: the tokens of a window and the
+    cached ones just before it); mx.fast.rope takes the first one as its offset, negative included.
+    """
+    x = mx.fast.rope(x.swapaxes(1, 2), x.shape[-1], traditional=False, base=theta, scale=1.0,
+                     offset=positions[0])  # rope wants (B, H, T, D)
+    return x.swapaxes(1, 2)
+
+
+class Attention(nn.Module):
+    """Causal softmax attention over the past keys/values handed in plus the new tokens.
+
+    Keys are cached unrotated; positions count from the start of the current window (past tokens
+    of the previous window have negative positions), so the rotary angles stay small forever.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.head_dim, self.window, self.theta = c.n_heads, c.head_dim, c.window, c.rope_theta
+        inner = c.n_heads * c.head_dim
+        self.q_proj = nn.Linear(c.d_model, inner, bias=False)
+        self.k_proj = nn.Linear(c.d_model, inner, bias=False)
+        self.v_proj = nn.Linear(c.d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, c.d_model, bias=False)
+
+    def __call__(self, x, past_k, past_v, start: int):
+        """x [B, T, d] at window positions start..start+T-1; past_k/v [B, P, H, D] just before them.
+
+        Returns (out [B, T, d], k, v) with k, v [B, T, H, D] the new tokens' unrotated keys/values.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        keys, values = mx.concatenate([past_k, k], 1), mx.concatenate([past_v, v], 1)  # (B, P+T, H, D)
+        P = past_k.shape[1]
+        k_pos = mx.arange(start - P, start + T)
+        q_pos = k_pos[P:]
+        q_rot = rotary(q, q_pos, self.theta).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k_rot = rotary(keys, k_pos, self.theta).transpose(0, 2, 1, 3)  # (B, H, P+T, D)
+        # Each query sees itself and the L-1 tokens before it (the window), never the future.
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
+        out = mx.fast.scaled_dot_product_attention(q_rot, k_rot, values.transpose(0, 2, 1, 3),
+                                                   scale=self.head_dim ** -0.5, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*D)
+        return self.o_proj(out), k, v
+
+
+def causal_conv(x, weight, tail):
+    """Depthwise causal conv: out[t, c] = sum_j weight[c, j] * x[t-(K-1)+j, c].
+
+    x [B, T, C]; weight [C, K]; tail [B, K-1, C] holds the inputs before x (zeros at a window start).
+    Written as K shifted multiplies, like the torch backend (same order of additions).
+    """
+    K = weight.shape[1]
+    xp = mx.concatenate([tail, x], 1)  # (B, K-1+T, C)
+    T = x.shape[1]
+    out = xp[:, 0:T] * weight[:, 0]
+    for j in range(1, K):
+        out = out + xp[:, j:j + T] * weight[:, j]
+    return out, xp[:, T:]  # new tail = the last K-1 inputs
+
+
+class ShortConv(nn.Module):
+    """Holds a depthwise conv kernel [channels, K] (applied by `causal_conv`)."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.weight = mx.zeros((channels, size))
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    return x * mx.rsqrt((x * x).sum(-1, keepdims=True) + eps)
+
+
+class SSMMixer(nn.Module):
+    """Gated fast-weight mixer: S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T (delta rule)
+    or S_t = a_t S_{t-1} + b_t v_t k_t^T (hebbian); o_t = S_t q_t / sqrt(Dk)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.H, self.Dk, self.Dv = c.ssm_heads, c.ssm_head_dim, c.ssm_v_dim
+        self.rule, self.conv_size, self.eps = c.ssm_rule, c.conv_size, c.norm_eps
+        self.scan_impl = "auto"  # set by HybridLM.set_scan_impl
+        dk, dv = self.H * self.Dk, self.H * self.Dv
+        self.q_proj = nn.Linear(c.d_model, dk, bias=False)
+        self.k_proj = nn.Linear(c.d_model, dk, bias=False)
+        self.v_proj = nn.Linear(c.d_model, dv, bias=False)
+        self.a_proj = nn.Linear(c.d_model, self.H, bias=False)
+        self.b_proj = nn.Linear(c.d_model, self.H, bias=False)
+        self.g_proj = nn.Linear(c.d_model, dv, bias=False)
+        self.o_proj = nn.Linear(dv, c.d_model, bias=False)
+        if c.conv_size:
+            self.q_conv = ShortConv(dk, c.conv_size)
+            self.k_conv = ShortConv(dk, c.conv_size)
+            self.v_conv = ShortConv(dv, c.conv_size)
+        self.A_log = mx.zeros((self.H,))
+        self.dt_bias = mx.zeros((self.H,))
+        self.o_norm = RMSNorm(self.Dv, c.norm_eps)
+
+    def conv_channels(self) -> int:
+        return 2 * self.H * self.Dk + self.H * self.Dv
+
+    def __call__(self, x, state, conv_tail=None):
+        """x [B, T, d]; state [B, H, Dv, Dk] float32; conv_tail [B, K-1, C] or None (= zeros).
+
+        Returns (out [B, T, d], new state, new conv tail or None).
+        """
+        B, T, _ = x.shape
+        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)  # (B, T, 2*dk + dv)
+        if self.conv_size:
+            if conv_tail is None:
+                conv_tail = mx.zeros((B, self.conv_size - 1, qkv.shape[-1]), dtype=qkv.dtype)
+            weight = mx.concatenate([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight], 0)
+            qkv, conv_tail = causal_conv(qkv, weight, conv_tail)
+            qkv = nn.silu(qkv)
+        dk = self.H * self.Dk
+        q = l2_normalize(qkv[..., :dk].reshape(B, T, self.H, self.Dk))
+        k = l2_normalize(qkv[..., dk:2 * dk].reshape(B, T, self.H, self.Dk))
+        v = qkv[..., 2 * dk:].reshape(B, T, self.H, self.Dv)
+        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))  # (B, T, H)
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
+            self.a_proj(x).astype(mx.float32) + self.dt_bias.astype(mx.float32))
+        o, state = ops.ssm_scan(q, k, v, g, beta, rule=self.rule, initial_state=state, impl=self.scan_impl)
+        o = self.o_norm(o)  # per head over Dv, one weight shared by all heads
+        y = o.reshape(B, T, -1) * nn.silu(self.g_proj(x))
+        return self.o_proj(y), state, conv_tail
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """h = h + mixer(norm1(h)); h = h + mlp(norm2(h)). The mixer is `attn` (A) or `ssm` (S)."""
+
+    def __init__(self, config: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = RMSNorm(config.d_model, config.norm_eps)
+        if kind == "A":
+            self.attn = Attention(config)
+        else:
+            self.ssm = SSMMixer(config)
+        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def __call__(self, h, *cache):
+        """cache: (past_k, past_v, start) for attention, (state, conv_tail) for SSM.
+
+        Returns (h, extras): extras = (k, v) for attention, (state, conv_tail) for SSM.
+        """
+        mixer = self.attn if self.kind == "A" else self.ssm
+        out, *extras = mixer(self.norm1(h), *cache)
+        h = h + out
+        return h + self.mlp(self.norm2(h)), extras
