@@ -101,6 +101,141 @@ def data(task, n, seed, params):
         click.echo(render_example(t, batch, i))
 
 
+def backend_option(fn):
+    return click.option("--backend", default="auto", show_default=True,
+                        type=click.Choice(["auto", "torch", "mlx"]),
+                        help="auto = mlx on Apple Silicon, else torch.")(fn)
+
+
+def parse_pairs(pairs) -> dict:
+    from common.config import parse_override
+
+    return dict(parse_override(p) for p in pairs)
+
+
+@cli.command()
+@click.option("--task", required=True, help="rule110 | depo | gsm | text")
+@click.option("--preset", default="debug", show_default=True, help="Model + train preset (see `lmsleep presets`).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="ModelConfig or TrainConfig field, e.g. --set d_model=64 --set muon_lr=0.01 (repeatable).")
+@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
+              help="Task parameter, e.g. --task-arg steps=4 (repeatable).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), help="Text/JSONL file for --task text.")
+@click.option("--passes", type=int, help="Sleep passes N (ModelConfig.sleep_passes).")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
+@click.option("--steps", type=int, help="Optimizer steps (TrainConfig.steps).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--resume", is_flag=True, help="Continue OUT/checkpoint exactly where it stopped.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Processes for DistributedDataParallel (torch; gloo on CPU, NCCL on GPUs).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@backend_option
+@user_errors
+def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, resume, nproc, quiet, backend):
+    """Train a sleeping hybrid on a task; writes OUT/{metrics.jsonl, checkpoint/, model/}.
+
+    \b
+    Examples:
+      lmsleep train --task rule110 --task-arg steps=2 --preset small-rule110 --passes 4 --out runs/r110-n4
+      lmsleep train --task text --data notes.txt --preset debug --out runs/text
+      lmsleep train --task rule110 --preset debug --nproc 2 --out runs/ddp     # 2 processes (torch)
+    """
+    from lmsleep import workflows as wf
+
+    t, mc, tc = wf.build_run(task, parse_pairs(task_args), preset, parse_pairs(sets), passes=passes,
+                             grad_accum=grad_accum, steps=steps, data=data)
+    if nproc > 1:
+        if wf.resolve(backend) != "torch":
+            raise UserError("--nproc needs the torch backend (MLX trains on one device)")
+        argv = ["--task", task, "--preset", preset, "--out", out] + [f"--task-arg={k}={json.dumps(v)}"
+                                                                     for k, v in t.params.items()]
+        argv += [f"--set={k}={json.dumps(v)}" for k, v in {**mc.to_dict(), **tc.to_dict()}.items()]
+        argv += ["--resume"] * resume + ["--no-progress"] * quiet
+        sys.exit(wf.launch_distributed(nproc, argv))
+    summary = wf.run_train(backend, t, mc, tc, out, resume=resume, progress=not quiet)
+    click.echo(json.dumps({k: summary[k] for k in ("step", "loss", "eval", "tokens_per_s", "model") if k in summary}))
+
+
+@cli.command(name="eval")
+@click.argument("model_dir", type=click.Path())
+@click.option("--task", help="Task name; default: the task recorded in the model folder.")
+@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task parameter (repeatable).")
+@click.option("--passes", "passes", multiple=True, type=int,
+              help="Sleep passes N at evaluation (repeatable: compare several N). Default: the trained N.")
+@click.option("--n", "n", default=512, show_default=True, help="Examples.")
+@click.option("--seed", default=1, show_default=True, help="Sampling seed of the evaluation set.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write results as JSON ('-' = stdout).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write accuracy vs N as a PNG (needs matplotlib).")
+@backend_option
+@user_errors
+def eval_(model_dir, task, task_args, passes, n, seed, json_out, plot, backend):
+    """Score a model on its task, per difficulty, for one or several N.
+
+    \b
+    Examples:
+      lmsleep eval runs/r110-n4/model --passes 1 --passes 2 --passes 4 --plot acc_vs_n.png
+      lmsleep eval runs/depo/model --task depo --task-arg k=8 --json -
+    """
+    from lmsleep import workflows as wf
+
+    t = wf.model_task(model_dir, task, parse_pairs(task_args))
+    rows = wf.run_eval(backend, model_dir, t, list(passes), n=n, seed=seed)
+    click.echo(wf.format_table(rows))
+    if json_out:
+        wf.write_json(rows, json_out)
+    if plot:
+        written = wf.plot_eval(rows, plot)
+        click.echo(f"plot: {written}" if written else "plot skipped: matplotlib is not installed", err=True)
+
+
+def sampling_options(fn):
+    for option in reversed([
+        click.option("--max-tokens", default=200, show_default=True, help="Tokens to generate."),
+        click.option("--temp", default=0.0, show_default=True, help="Temperature; 0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, help="Sample from the k most likely; 0 = all."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--seed", default=0, show_default=True, help="Sampling seed."),
+        click.option("--passes", type=int, help="Sleep passes N (default: the model's)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--prompt", required=True, help="Text to start from.")
+@click.option("--verbose", is_flag=True, help="Mark sleeps inline and print stats at the end.")
+@sampling_options
+@backend_option
+@user_errors
+def generate(model_dir, prompt, verbose, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend):
+    """Stream a continuation of PROMPT; sleeps are reported on stderr as they happen.
+
+    \b
+    Example:
+      lmsleep generate runs/text/model --prompt "Once upon a time" --max-tokens 300 --temp 0.8
+    """
+    from lmsleep import workflows as wf
+
+    b, model, tok = wf.load_for_generation(backend, model_dir, dtype)
+    ids = wf.encode_prompt(tok, prompt)
+    state = model.new_state(1)
+    sleeps = 0
+    for token in b.generate(model, ids, max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=wf.stop_ids(tok), passes=passes, state=state):
+        if token in wf.stop_ids(tok):
+            break
+        click.echo(tok.decode([token]) + getattr(tok, "sep", ""), nl=False)
+        if state.sleeps != sleeps:
+            sleeps = state.sleeps
+            click.echo(f" [sleep {sleeps}] " if verbose else "", nl=False)
+            click.echo(f"[sleep {sleeps} after {state.seen} tokens]", err=True)
+    click.echo()
+    if verbose:
+        click.echo(f"[{state.seen} tokens, {state.sleeps} sleeps, state {state.nbytes() / 1024:.1f} KiB]", err=True)
+
+
 @cli.command()
 @user_errors
 def demo():

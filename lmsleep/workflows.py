@@ -1,0 +1,138 @@
+"""The library functions behind the CLI commands: build a run from flags, evaluate over N, generate.
+
+Each takes plain values (no click), so they are usable from Python and testable without a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from common import checkpoint as ckpt
+from common import training as tr
+from common.config import TRAIN_PRESETS, ModelConfig, TrainConfig, split_overrides
+from common.tasks import make
+from lmsleep.backends import load_backend, resolve
+
+
+def build_run(task_name: str, task_params: dict, preset: str, overrides: dict, *, passes=None, grad_accum=None,
+              steps=None, data=None):
+    """(task, ModelConfig, TrainConfig) from a preset, --set overrides and the task's own vocab/window."""
+    if data is not None:
+        task_params = {**task_params, "path": str(data)}
+    task = make(task_name, **task_params)
+    model_over, train_over = split_overrides(overrides)
+    if passes is not None:
+        model_over["sleep_passes"] = passes
+    for key, value in (("grad_accum", grad_accum), ("steps", steps)):
+        if value is not None:
+            train_over[key] = value
+    ModelConfig.from_name(preset)  # unknown preset -> ValueError naming it
+    mc = tr.resolve_model_config(task, preset, model_over)
+    tc = TRAIN_PRESETS.get(preset, TrainConfig()).replace(**train_over)
+    return task, mc, tc
+
+
+def run_train(backend: str, task, mc: ModelConfig, tc: TrainConfig, out: str, *, resume=False, progress=True,
+              max_steps=None) -> dict:
+    return load_backend(backend).train.train(task, mc, tc, out, resume=resume, progress=progress,
+                                             max_steps=max_steps)
+
+
+def launch_distributed(nproc: int, argv: list[str]) -> int:
+    """Run `python -m sleep_torch.train ARGV` under torchrun with nproc processes (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "sleep_torch.train", *argv]
+    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+def model_task(model_dir, task_name: str | None, task_params: dict):
+    """The task to evaluate on: given explicitly, or the one recorded in the model folder by the trainer."""
+    _, doc = ckpt.read_config(model_dir)
+    recorded = doc.get("task")
+    if task_name is None:
+        if not recorded:
+            raise ValueError(f"{model_dir}: no task recorded in config.json; pass --task")
+        return make(recorded["name"], **{**recorded["params"], **task_params})
+    return make(task_name, **task_params)
+
+
+def run_eval(backend: str, model_dir, task, passes_list, *, n=512, seed=tr.EVAL_SEED, progress=True) -> list[dict]:
+    """Evaluate a model folder at each N in passes_list -> one row per N."""
+    b = load_backend(backend)
+    model = b.load(model_dir)
+    tr.check_task_config(task, model.config)
+    rows = []
+    for passes in passes_list or [model.config.sleep_passes]:
+        scores = b.train.evaluate(model, task, n, seed, passes=passes)
+        rows.append({"passes": passes, "trained_passes": model.config.sleep_passes, **scores})
+    return rows
+
+
+def plot_eval(rows: list[dict], path) -> Path | None:
+    """Accuracy metrics vs N as a PNG; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = [k for k in rows[0] if k not in ("passes", "trained_passes", "loss", "perplexity")
+            and isinstance(rows[0][k], float)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["passes"] for r in rows]
+    for k in keys:
+        ax.plot(xs, [r.get(k, float("nan")) for r in rows], marker="o", label=k)
+    ax.set_xlabel("sleep passes N at evaluation")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"trained with N={rows[0]['trained_passes']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def format_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(_fmt(r.get(k))) for r in rows)) for k in keys}
+    lines = ["  ".join(k.rjust(widths[k]) for k in keys)]
+    lines += ["  ".join(_fmt(r.get(k)).rjust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_json(rows, path) -> None:
+    ckpt.write_json(path, {"results": rows}) if str(path) != "-" else print(json.dumps(rows, indent=2))
+
+
+def load_for_generation(backend: str, model_dir, dtype=None):
+    """(backend namespace, model, tokenizer) for generate/chat; a folder without a tokenizer is refused."""
+    b = load_backend(backend)
+    model = b.load(model_dir, dtype=dtype) if dtype else b.load(model_dir)
+    if model.tokenizer is None:
+        raise ValueError(f"{model_dir}: no tokenizer in config.json (train with `lmsleep train` to get one)")
+    return b, model, model.tokenizer
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    if not text:
+        raise ValueError("empty prompt: give some text to start from")
+    return tokenizer.encode(text)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    eot = getattr(tokenizer, "eot_id", None)
+    return [eot] if eot is not None else []
+
+
+__all__ = ["build_run", "run_train", "launch_distributed", "model_task", "run_eval", "plot_eval", "format_table",
+           "write_json", "load_for_generation", "encode_prompt", "stop_ids", "resolve"]
