@@ -26,6 +26,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from common import memory
+from common.checkpoint import atomic_file
 from common.config import ModelConfig
 from common.init import init_params
 from sleep_mlx.layers import Block, RMSNorm
@@ -143,6 +145,28 @@ class HybridLM(nn.Module):
         mx.eval(new.tensors())  # lazy MLX would otherwise defer the work to the next step
         state.__dict__.update(new.__dict__)
         return state
+
+    # --- memory files ----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Hash of config + weights; a memory file only loads into the model that wrote it."""
+        return memory.fingerprint(self.config, ((n, np.array(p.astype(mx.float32)))
+                                                for n, p in tree_flatten(self.parameters())))
+
+    def save_state(self, state: State, path) -> None:
+        """Write a State as a memory file (safetensors, atomic); either backend reads it."""
+        lists = {f: getattr(state, f) for f in memory.LIST_FIELDS}
+        counters = {f: getattr(state, f) for f in memory.INT_FIELDS}
+        tensors, meta = memory.state_to_named(lists, state.hidden, counters, self.fingerprint())
+        with atomic_file(path) as tmp:
+            target = tmp.with_suffix(".safetensors")  # mx.save_safetensors appends the suffix otherwise
+            mx.save_safetensors(str(target), tensors, metadata=meta)
+            target.replace(tmp)
+
+    def load_state(self, path) -> State:
+        """Read a memory file written for this model (by either backend); continuing is exact."""
+        counters = memory.check_memory_file(path, self.fingerprint())
+        lists, hidden = memory.named_to_lists(mx.load(str(path)), counters.pop("n_layers"))
+        return State(**lists, hidden=hidden, **counters)
 
     # --- internals (pure: they return a new State) -----------------------------------------------
     def _passes(self, passes):

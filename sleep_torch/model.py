@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common import memory
+from common.checkpoint import atomic_file
 from common.config import ModelConfig
 from common.init import init_params
 from sleep_torch.layers import Block, RMSNorm
@@ -131,6 +133,32 @@ class HybridLM(nn.Module):
             return state
         state.__dict__.update(new.__dict__)
         return state
+
+    # --- memory files ----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Hash of config + weights; a memory file only loads into the model that wrote it."""
+        return memory.fingerprint(self.config, ((n, p.detach().float().cpu().numpy())
+                                                for n, p in self.named_parameters()))
+
+    def save_state(self, state: State, path) -> None:
+        """Write a State as a memory file (safetensors, atomic); either backend reads it."""
+        from safetensors.torch import save_file
+
+        lists = {f: getattr(state, f) for f in memory.LIST_FIELDS}
+        counters = {f: getattr(state, f) for f in memory.INT_FIELDS}
+        tensors, meta = memory.state_to_named(lists, state.hidden, counters, self.fingerprint())
+        with atomic_file(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+    def load_state(self, path) -> State:
+        """Read a memory file written for this model (by either backend); continuing is exact."""
+        from safetensors.torch import load_file
+
+        counters = memory.check_memory_file(path, self.fingerprint())
+        device = self.embed.weight.device
+        lists, hidden = memory.named_to_lists({k: v.to(device) for k, v in load_file(str(path)).items()},
+                                              counters.pop("n_layers"))
+        return State(**lists, hidden=hidden, **counters)
 
     # --- internals (pure: they return a new State) -----------------------------------------------
     def _passes(self, passes):
