@@ -6,6 +6,7 @@ small namespace and never branches on the backend beyond array conversion.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import platform
@@ -36,7 +37,14 @@ def load_backend(name: str) -> SimpleNamespace:
         train=importlib.import_module(f"{package}.train"),
         generate=importlib.import_module(f"{package}.generate").generate,
         tokens=_to_torch if name == "torch" else _to_mlx,
+        no_grad=_torch_no_grad if name == "torch" else contextlib.nullcontext,
     )
+
+
+def _torch_no_grad():
+    import torch
+
+    return torch.no_grad()
 
 
 def _to_torch(array):

@@ -237,6 +237,33 @@ def generate(model_dir, prompt, verbose, max_tokens, temp, top_k, top_p, seed, p
 
 
 @cli.command()
+@click.argument("model_dir", type=click.Path())
+@sampling_options
+@backend_option
+@user_errors
+def chat(model_dir, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend):
+    """Chat with a model; it sleeps between turns and its memory stays constant.
+
+    \b
+    In the REPL:
+      /reset          forget everything         /sleep       consolidate the current window now
+      /save FILE      write a memory file       /load FILE   continue from a memory file
+      /stats          tokens seen, sleeps, memory in use     /quit
+    \b
+    Example:
+      lmsleep chat runs/text/model --temp 0.7
+    """
+    from lmsleep import workflows as wf
+    from lmsleep.chat import ChatSession, run_repl
+
+    b, model, tok = wf.load_for_generation(backend, model_dir, dtype)
+    sampling = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed, passes=passes)
+    session = ChatSession(model, tok, b.generate, sampling=sampling, stop=wf.stop_ids(tok), no_grad=b.no_grad,
+                          echo=lambda text, nl=True: click.echo(text, nl=nl))
+    run_repl(session, interactive=sys.stdin.isatty())
+
+
+@cli.command()
 @user_errors
 def demo():
     """The short end-to-end job that `make demo` runs."""

@@ -1,0 +1,140 @@
+"""`lmsleep chat`: a REPL over one streaming State, so memory stays constant however long it runs.
+
+A sleep that falls due during a reply runs between turns, on a background thread started right
+after the reply (while the user is typing), and is joined before the next input is processed
+(SPEC section 3: `model.sleep(state)` gives the same numbers as the lazy sleep in `step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+HELP = ("commands: /reset (forget everything), /sleep (consolidate the current window now), "
+        "/save FILE, /load FILE (memory files), /stats, /help, /quit")
+
+
+class ChatSession:
+    """One conversation: user turns are fed through `step`, replies come from `generate`."""
+
+    def __init__(self, model, tokenizer, generate: Callable, *, sampling: dict, stop: list[int],
+                 no_grad=contextlib.nullcontext, echo: Callable[..., None] | None = None):
+        self.model, self.tokenizer, self.generate = model, tokenizer, generate
+        self.sampling, self.stop, self.no_grad = sampling, stop, no_grad
+        self.echo = echo or (lambda text, nl=True: print(text, end="\n" if nl else "", flush=True))
+        self.state = model.new_state(1)
+        self.sleeper: threading.Thread | None = None  # the between-turns sleep, if one is running
+
+    # --- background sleep --------------------------------------------------------------------------
+    def start_sleep_if_due(self) -> None:
+        if self.state.due and self.sleeper is None:
+            self.sleeper = threading.Thread(target=self._sleep, name="lmsleep-sleep", daemon=True)
+            self.sleeper.start()
+
+    def _sleep(self) -> None:
+        with self.no_grad():
+            self.model.sleep(self.state)
+
+    def join_sleep(self) -> None:
+        if self.sleeper is not None:
+            self.sleeper.join()
+            self.sleeper = None
+
+    # --- one input line ----------------------------------------------------------------------------
+    def handle(self, line: str) -> bool:
+        """Process one line; False means the session should end."""
+        self.join_sleep()  # the state must be settled before anything reads or changes it
+        command, _, arg = line.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            return False
+        actions = {"/reset": self._reset, "/sleep": self._force_sleep, "/stats": self._stats,
+                   "/help": lambda _: self.write(HELP), "/save": self._save, "/load": self._load}
+        if command in actions:
+            try:
+                actions[command](arg.strip())
+            except ValueError as e:  # bad file, wrong model: say so, keep the conversation
+                self.write(f"error: {str(e).splitlines()[0]}")
+            return True
+        if command.startswith("/"):
+            self.write(f"unknown command {command}; {HELP}")
+            return True
+        self.reply(line)
+        return True
+
+    def reply(self, text: str) -> str:
+        try:
+            ids = self.tokenizer.encode(text + "\n")
+        except ValueError as e:
+            self.write(f"error: {e}")
+            return ""
+        pieces = []
+        with self.no_grad():
+            for token in self.generate(self.model, ids, state=self.state, stop=self.stop, **self.sampling):
+                if token in self.stop:
+                    break
+                pieces.append(self.tokenizer.decode([token]))
+                self.echo(pieces[-1], nl=False)
+        self.echo("")
+        self.start_sleep_if_due()
+        return "".join(pieces)
+
+    def write(self, line: str) -> None:
+        self.echo(line)
+
+    # --- commands ----------------------------------------------------------------------------------
+    def _reset(self, _):
+        self.state = self.model.new_state(1)
+        self.write("[memory cleared]")
+
+    def _force_sleep(self, _):
+        before = self.state.sleeps
+        with self.no_grad():
+            self.model.sleep(self.state, force=True)
+        self.write(f"[slept: {self.state.sleeps - before} consolidation(s)]")
+
+    def _stats(self, _):
+        s = self.state
+        self.write(f"[tokens seen {s.seen}, sleeps {s.sleeps}, window {s.offset}/{self.model.config.window}, "
+                   f"memory {s.nbytes() / 1024:.1f} KiB]")
+
+    def _save(self, path):
+        if not path:
+            raise ValueError("/save needs a file name")
+        self.model.save_state(self.state, path)
+        self.write(f"[memory saved to {path}]")
+
+    def _load(self, path):
+        if not path:
+            raise ValueError("/load needs a file name")
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such memory file")
+        self.state = self.model.load_state(path)
+        self.write(f"[memory loaded: {self.state.seen} tokens, {self.state.sleeps} sleeps]")
+
+
+def run_repl(session: ChatSession, *, interactive: bool) -> None:
+    """Read lines until EOF or /quit; with a terminal, use readline history and a prompt."""
+    prompt = ""
+    if interactive:
+        with contextlib.suppress(ImportError, OSError):
+            import readline
+
+            history = os.path.expanduser("~/.lmsleep_history")
+            with contextlib.suppress(FileNotFoundError):
+                readline.read_history_file(history)
+            import atexit
+
+            atexit.register(readline.write_history_file, history)
+        prompt = "> "
+        session.write(HELP)
+    while True:
+        try:
+            line = input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not session.handle(line):
+            break
+    session.join_sleep()

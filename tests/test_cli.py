@@ -1,0 +1,127 @@
+"""The lmsleep CLI through click's CliRunner: every command, and user mistakes exit 2 in one line."""
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from common.config import ModelConfig
+from common.tokenizers import ByteTokenizer
+from lmsleep.cli import cli
+
+torch = pytest.importorskip("torch")
+from sleep_torch import HybridLM, save  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """An untrained byte-level model folder (window 16) with its tokenizer."""
+    path = tmp_path_factory.mktemp("m") / "model"
+    cfg = ModelConfig.from_name("debug", vocab_size=ByteTokenizer().vocab_size, window=16, sleep_passes=2)
+    save(HybridLM(cfg, seed=0), path, tokenizer=ByteTokenizer().to_dict())
+    return path
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def assert_user_error(result, needle):
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "chat", "data", "presets", "demo"])
+def test_every_command_has_help_with_an_example(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.output or command == "demo"
+
+
+def test_presets_and_data():
+    assert "paper-rule110" in run("presets").output
+    assert json.loads(run("presets", "debug").output)["model"]["d_model"] == 32
+    out = run("data", "rule110", "--n", "1", "--set", "steps=1").output
+    assert "w4  | |[" in out  # the query window with its answers marked
+    assert_user_error(run("data", "nope"), "unknown task 'nope'")
+    assert_user_error(run("presets", "huge"), "unknown preset 'huge'")
+
+
+def test_train_eval_generate_round_trip(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--task", "rule110", "--task-arg", "width=8", "--task-arg", "states=2", "--task-arg", "steps=0",
+            "--preset", "debug", "--steps", "4", "--set", "eval_interval=2", "--set", "batch_size=4", "--passes", "2",
+            "--out", out, "--quiet", "--backend", "torch"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["step"] == 4
+    result = run("eval", out / "model", "--passes", "1", "--passes", "3", "--n", "16", "--json", tmp_path / "e.json",
+                 "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert [r["passes"] for r in rows] == [1, 3] and all(0 <= r["exact"] <= 1 for r in rows)
+    result = run("generate", out / "model", "--prompt", "0110", "--max-tokens", "5", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert set(result.output.split("[")[0].strip()) <= {"0", "1", "|"}
+    # mistakes
+    assert_user_error(run("generate", out / "model", "--prompt", "01x", "--backend", "torch"), "'x'")
+    assert_user_error(run("generate", out / "model", "--prompt", "", "--backend", "torch"), "empty prompt")
+    assert_user_error(run(*args), "already exists")  # same --out without --resume
+    assert_user_error(run("generate", tmp_path / "missing", "--prompt", "0"), "not a model folder")
+    assert_user_error(run("train", "--task", "rule110", "--preset", "debug", "--set", "bogus=1", "--out", tmp_path / "x"),
+                      "unknown config field 'bogus'")
+    assert_user_error(run("train", "--task", "nope", "--out", tmp_path / "y"), "unknown task")
+
+
+def test_resume_of_another_backends_checkpoint_is_refused(tmp_path):
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "run"
+    base = ["train", "--task", "rule110", "--task-arg", "width=8", "--task-arg", "states=2", "--preset", "debug",
+            "--set", "batch_size=4", "--set", "eval_interval=0", "--out", out, "--quiet"]
+    assert run(*base, "--steps", "2", "--backend", "mlx").exit_code == 0
+    assert_user_error(run(*base, "--steps", "4", "--resume", "--backend", "torch"), "mlx")
+
+
+def test_chat_scripted_session_sleeps_saves_and_reloads_identically(text_model, tmp_path):
+    memory = tmp_path / "mem.safetensors"
+    turns = ["hello there, sleepy model", "tell me about windows", "/stats", f"/save {memory}"]
+    flags = ["--max-tokens", "12", "--backend", "torch"]
+    first = run("chat", text_model, *flags, input="\n".join(turns + ["what now?", "/stats", "/quit"]) + "\n")
+    assert first.exit_code == 0, first.output
+    stats = [ln for ln in first.output.splitlines() if ln.startswith("[tokens seen")]
+    seen = int(stats[0].split()[2].rstrip(","))
+    assert seen > 3 * 16 and int(stats[0].split()[4].rstrip(",")) >= 3  # > 3 windows, several sleeps
+    assert "[memory saved" in first.output
+    second = run("chat", text_model, *flags, input=f"/load {memory}\nwhat now?\n/stats\n/quit\n")
+    assert second.exit_code == 0, second.output
+    reply_first = first.output.split("[memory saved")[1].splitlines()[1:]
+    reply_second = second.output.split("[memory loaded")[1].splitlines()[1:]
+    assert reply_first == reply_second  # the reloaded memory continues exactly (reply and stats)
+    bad = run("chat", text_model, *flags, input="/load nowhere.safetensors\n/quit\n")
+    assert "error: nowhere.safetensors: no such memory file" in bad.output and bad.exit_code == 0
+
+
+def test_due_sleep_runs_on_a_thread_between_turns_and_is_joined_before_the_next_input(text_model):
+    from lmsleep import workflows as wf
+    from lmsleep.chat import ChatSession
+
+    b, model, tok = wf.load_for_generation("torch", text_model)
+    events = []
+    real_sleep = model.sleep
+
+    def recording_sleep(state, **kw):
+        events.append(("sleep", threading.current_thread() is threading.main_thread(), state.due))
+        return real_sleep(state, **kw)
+
+    model.sleep = recording_sleep
+    session = ChatSession(model, tok, b.generate, sampling=dict(max_tokens=1), stop=[], no_grad=b.no_grad,
+                          echo=lambda text, nl=True: None)
+    session.reply("x" * 14)  # 15 prompt tokens + 1 reply token fill the 16-token window: a sleep is due
+    assert session.sleeper is not None  # started right after the reply, off the reply path
+    session.handle("/stats")  # the next input joins it first
+    assert session.sleeper is None and session.state.due == 0 and session.state.sleeps == 1
+    assert events == [("sleep", False, 2)]  # ran once, on the background thread, with the window's N
