@@ -345,7 +345,7 @@ def _train(task, mc: ModelConfig, tc: TrainConfig, out_dir: Path, *, resume, pro
         doc = tr.trainer_state(backend=BACKEND, step=step, model_config=mc, train_config=tc, task=task,
                                rng=rng_state(), elapsed=elapsed, metrics={"loss": loss, "eval": last_eval})
         save_checkpoint(ckpt_dir, model, optimizers, doc, tokenizer=tokenizer)
-        save(model, model_dir, overwrite=True, tokenizer=tokenizer)
+        save(model, model_dir, overwrite=True, tokenizer=tokenizer, task={"name": task.name, "params": task.params})
 
     start_step, t_start = step, time.perf_counter()
     t_log, tokens_since_log = t_start, 0
