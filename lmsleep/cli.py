@@ -263,6 +263,121 @@ def chat(model_dir, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend
     run_repl(session, interactive=sys.stdin.isatty())
 
 
+@cli.command(name="convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to", required=True, type=click.Choice(["mlx", "torch"]), help="Target backend.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Cast the float tensors (default: keep them bit for bit).")
+@click.option("--quantize", "bits", type=click.Choice(["4", "8"]),
+              help="Quantize the block linear weights to 4 or 8 bits (--to mlx only).")
+@click.option("--group-size", default=64, show_default=True, type=click.Choice(["32", "64", "128"]),
+              help="Weights per quantization group (with --quantize).")
+@click.option("--dequantize", is_flag=True, help="Unpack a quantized folder to float weights (needed for --to torch).")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@user_errors
+def convert_(src, dst, to, dtype, bits, group_size, dequantize, force):
+    """Convert a model folder or a training checkpoint SRC into a model folder DST for a backend.
+
+    SRC may be a model folder, a trainer's OUT/checkpoint (optimizer state is dropped), or any
+    safetensors file/folder with a config.json beside it (`module.` / `_orig_mod.` prefixes are
+    stripped). Tensors are copied bit for bit unless --dtype or --quantize asks otherwise.
+
+    \b
+    Examples:
+      lmsleep convert runs/r110/model runs/r110/model-mlx --to mlx
+      lmsleep convert runs/r110/checkpoint runs/r110/model-bf16 --to torch --dtype bfloat16
+      lmsleep convert runs/r110/model runs/r110/model-q4 --to mlx --quantize 4 --group-size 64
+    """
+    from convert.convert import convert_path, summary
+
+    report = convert_path(src, dst, to=to, dtype=dtype, quantize_bits=int(bits) if bits else None,
+                          group_size=int(group_size), dequantize=dequantize, overwrite=force)
+    click.echo(summary(report))
+    q = report.get("quantization_error")
+    if q:
+        click.echo(f"quantization error vs {src} (MLX, {q['tokens']} random tokens): logits max abs "
+                   f"{q['max_abs']:.3e}, relative {q['max_rel']:.3e}; greedy agreement {q['greedy_agreement']:.1%}")
+
+
+@cli.command(name="parity")
+@click.argument("model_dir", type=click.Path())
+@click.option("--passes", type=int, help="Sleep passes N (default: the model's).")
+@click.option("--tokens", default=64, show_default=True, help="Random tokens per sequence.")
+@click.option("--batch", default=2, show_default=True, help="Sequences.")
+@click.option("--gen-tokens", default=50, show_default=True, help="Greedy generation steps to compare.")
+@click.option("--eviction", type=click.Choice(["hard", "sliding"]), help="Override the model's eviction mode.")
+@click.option("--tol", default=1e-4, show_default=True, help="Largest relative error allowed.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random tokens.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the report as JSON ('-' = stdout).")
+@user_errors
+def parity_(model_dir, passes, tokens, batch, gen_tokens, eviction, tol, seed, json_out):
+    """Run MODEL_DIR in torch and MLX (float32) and compare every stage; exit 1 above --tol.
+
+    Stages: embeddings and each block output of every wake window, the SSM states of every sleep
+    pass and of the coda, the final logits (relative error = max|mlx - torch| / max|torch|), then
+    greedy generation (steps where torch's top-2 margin is within the tolerance are not counted).
+
+    \b
+    Example:
+      lmsleep parity runs/r110/model --passes 3 --tokens 96 --json parity.json
+    """
+    from convert.parity import parity
+
+    report = parity(model_dir, passes=passes, tokens=tokens, batch=batch, seed=seed, gen_tokens=gen_tokens,
+                    eviction=eviction, tol=tol)
+    click.echo(report.format_table())
+    if json_out == "-":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif json_out:
+        from common.checkpoint import write_json
+
+        write_json(json_out, report.to_dict())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.group()
+def hub():
+    """Push model folders to / pull them from the Hugging Face Hub (HF_TOKEN, HF_HUB_OFFLINE apply)."""
+
+
+@hub.command(name="push")
+@click.argument("model_dir", type=click.Path())
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@user_errors
+def hub_push(model_dir, repo, private):
+    """Upload MODEL_DIR (validated first) to the Hub repo REPO.
+
+    \b
+    Example:
+      HF_TOKEN=hf_... lmsleep hub push runs/notes/model me/sleepy-notes
+    """
+    from convert.hub import push
+
+    click.echo(f"pushed {model_dir} to {push(model_dir, repo, private=private)}")
+
+
+@hub.command(name="pull")
+@click.argument("repo")
+@click.argument("out_dir", type=click.Path())
+@click.option("--revision", help="Branch, tag or commit.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@user_errors
+def hub_pull(repo, out_dir, revision, force):
+    """Download REPO into OUT_DIR (validated before it appears there).
+
+    \b
+    Example:
+      lmsleep hub pull me/sleepy-notes models/notes
+    """
+    from convert.hub import pull
+
+    click.echo(f"pulled {repo} into {pull(repo, out_dir, revision=revision, overwrite=force)}")
+
+
 @cli.command()
 @user_errors
 def demo():

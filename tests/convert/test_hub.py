@@ -78,3 +78,16 @@ def test_pull_errors_leave_nothing_behind(tmp_path):
 def test_push_refuses_invalid_folder(tmp_path):
     with pytest.raises(ckpt.CheckpointError):
         hub.push(tmp_path, "me/x", api=FakeHub(tmp_path / "hub"))
+
+
+def test_cli_hub_errors_are_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lmsleep.cli import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(cli, ["hub", "pull", "me/not-cached", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "could not download 'me/not-cached'" in result.output
+    result = CliRunner().invoke(cli, ["hub", "push", str(tmp_path), "me/x"])
+    assert result.exit_code == 2 and "config.json" in result.output
+    assert CliRunner().invoke(cli, ["hub", "push", "--help"]).exit_code == 0
