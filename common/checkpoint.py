@@ -158,13 +158,22 @@ def expected_shapes(config: ModelConfig, quantization: dict | None = None) -> di
     shapes = param_shapes(config)
     if not quantization:
         return shapes
-    bits, group = quantization["bits"], quantization["group_size"]
-    quantized = set(quantization.get("layers", []))
+    try:
+        bits, group, quantized = int(quantization["bits"]), int(quantization["group_size"]), set(quantization["layers"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError("config.json: the quantization block needs integer 'bits', 'group_size' "
+                              "and a list of 'layers'") from None
+    unknown = sorted(quantized - {n[: -len(".weight")] for n in shapes if n.endswith(".weight")})
+    if unknown:
+        raise CheckpointError(f"config.json: quantization lists unknown layer {unknown[0]}")
     out = {}
     for name, shape in shapes.items():
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base in quantized:
             rows, cols = shape
+            if (cols * bits) % 32 or cols % group:
+                raise CheckpointError(f"config.json: layer {base} (in={cols}) cannot be quantized with "
+                                      f"bits={bits}, group_size={group}")
             out[name] = (rows, cols * bits // 32)
             out[base + ".scales"] = (rows, cols // group)
             out[base + ".biases"] = (rows, cols // group)
@@ -238,6 +247,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
         raise CheckpointError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
     try:
         yield tmp
         if path.exists():
@@ -261,6 +271,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -268,6 +279,12 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, doc: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from common import checkpoint as ckpt
@@ -61,12 +62,35 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> HybridLM:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     config, doc, _ = ckpt.validate_folder(path)
     if doc.get("quantization"):
-        raise ckpt.CheckpointError(f"{path}: quantized folders are not supported by sleep_mlx.load yet "
-                                   "(coming with the converter)")
+        return _load_quantized(path, config, doc, dtype)
     _, tensors = read_tensors(path)
     model = HybridLM(config, seed=None)
     stored = next(iter(tensors.values())).dtype
     model.set_dtype(DTYPES[dtype] if dtype else stored)
+    model.load_arrays(tensors)
+    model.tokenizer = tokenizer_from_dict(doc["tokenizer"]) if doc.get("tokenizer") else None
+    return model
+
+
+# --- quantized folders (written by convert/quantize.py) -------------------------------------------------
+
+def _load_quantized(path, config, doc: dict, dtype: str | None) -> HybridLM:
+    """Build the model, swap exactly the listed layers for nn.QuantizedLinear, then load the packed weights."""
+    q = doc["quantization"]
+    bits, group, layers = q.get("bits"), q.get("group_size"), q.get("layers")
+    model = HybridLM(config, seed=None)
+    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if bits not in (2, 3, 4, 5, 6, 8) or group not in (32, 64, 128):
+        raise ckpt.CheckpointError(f"{path}: quantized folders need bits 2, 3, 4, 5, 6 or 8 and group_size 32, "
+                                   f"64 or 128 (config.json says bits={bits!r}, group_size={group!r})")
+    if not isinstance(layers, list) or not layers or not set(layers) <= linear:
+        bad = sorted(set(layers) - linear)[:1] if isinstance(layers, list) and layers else layers
+        raise ckpt.CheckpointError(f"{path}: quantized folders must list the linear layers they quantize "
+                                   f"(config.json quantization.layers has {bad!r})")
+    _, tensors = read_tensors(path)
+    model.set_dtype(DTYPES[dtype] if dtype else tensors["embed.weight"].dtype)  # floats only: packed stay uint32
+    listed = set(layers)
+    nn.quantize(model, group_size=group, bits=bits, class_predicate=lambda name, m: name in listed)
     model.load_arrays(tensors)
     model.tokenizer = tokenizer_from_dict(doc["tokenizer"]) if doc.get("tokenizer") else None
     return model

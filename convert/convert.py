@@ -1,0 +1,247 @@
+"""torch <-> MLX conversion of model folders and training checkpoints (SPEC section 5).
+
+Both backends write the same folder format, so converting a model folder means: validate it, copy
+every tensor's bytes unchanged (bf16 stays bit-exact: nothing goes through float32 unless a cast is
+asked for), set the safetensors metadata "backend" to the target, and optionally cast the float
+dtype, quantize (for MLX) or dequantize (for torch). A training checkpoint (the trainer's
+out_dir/checkpoint, or any safetensors file/folder with a config.json) becomes a clean model folder:
+optimizer state dropped, `module.` (DDP) and `_orig_mod.` (torch.compile) name prefixes stripped.
+
+    convert_model("runs/r110/model", "runs/r110/model-mlx-q4", to="mlx", quantize_bits=4)
+    convert_training_checkpoint("runs/r110/checkpoint", "runs/r110/model-bf16", to="mlx", dtype="bfloat16")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from common import checkpoint as ckpt
+from common import training as tr
+from common.config import ModelConfig
+from convert import quantize as qz
+from convert.dtypes import DTYPE_TAGS, FLOAT_TAGS, Raw, cast, read_raw, write_raw
+
+BACKENDS = ("torch", "mlx")
+PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def convert_model(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, dtype: str | None = None,
+                  quantize_bits: int | None = None, group_size: int = 64, dequantize: bool = False,
+                  overwrite: bool = False) -> dict:
+    """Convert a model folder for backend `to` ("torch" | "mlx"); returns a report (see `summary`)."""
+    _check_args(to, dtype, overwrite, src, dst)
+    if quantize_bits is not None:
+        if to != "mlx":
+            raise ValueError("quantized folders run on the MLX backend: quantize with to='mlx' (--to mlx)")
+        qz.check_settings(quantize_bits, group_size)
+    config, doc, where = ckpt.validate_folder(src)
+    quant = doc.get("quantization")
+    if quant and to == "torch" and not dequantize:
+        raise ckpt.CheckpointError(f"{src}: quantized folders run on the MLX backend; pass dequantize=True "
+                                   "(`lmsleep convert --dequantize`) to convert it for torch")
+    if quant and quantize_bits is not None:
+        raise ValueError(f"{src}: already quantized ({quant['bits']}-bit); quantize the unquantized model instead")
+    tensors, file_of, meta = _read_folder(src, where, config, quant)
+    doc = dict(doc)
+    if quant and dequantize:
+        tensors = qz.dequantize_tensors(tensors, quant)
+        del doc["quantization"]
+    if dtype is not None:
+        tensors = {n: cast(t, DTYPE_TAGS[dtype]) for n, t in tensors.items()}
+    if quantize_bits is not None:
+        layers = qz.quantizable_layers(config, group_size)
+        if not layers:
+            raise ValueError(f"no layer has an input size divisible by group_size {group_size} "
+                             f"(d_model={config.d_model}); choose a smaller group size")
+        tensors = qz.quantize_tensors(tensors, layers, quantize_bits, group_size)
+        for name in tensors:  # scales/biases live in the same shard as their weight
+            if name not in file_of:
+                file_of[name] = file_of[name.rsplit(".", 1)[0] + ".weight"]
+        doc["quantization"] = {"bits": quantize_bits, "group_size": group_size, "layers": layers}
+    _write_folder(dst, tensors, file_of, doc, {**meta, "format": ckpt.FORMAT, "backend": to}, overwrite)
+    report = _report("model", src, dst, to, tensors, doc.get("quantization"))
+    if quantize_bits is not None:
+        report["quantization_error"] = qz.quantization_error(src, dst)
+    return report
+
+
+def convert_training_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
+                                dtype: str | None = None, overwrite: bool = False) -> dict:
+    """A trainer checkpoint (or any safetensors file/folder with a config.json) -> a clean model folder."""
+    _check_args(to, dtype, overwrite, src, dst)
+    src = Path(src)
+    config, extra = _training_config(src)
+    expected = ckpt.param_shapes(config)
+    tensors: dict[str, Raw] = {}
+    origin: dict[str, tuple[str, Path]] = {}  # clean name -> (name in the file, file)
+    for f in _training_weight_files(src):
+        for name, t in read_raw(f)[0].items():
+            clean = strip_prefixes(name)
+            if clean in origin:
+                raise ckpt.CheckpointError(f"{f}: tensors {origin[clean][0]!r} and {name!r} both become {clean!r}")
+            if clean not in expected:
+                raise ckpt.CheckpointError(f"{f}: tensor {name!r} is not a weight of this model config "
+                                           f"({config.n_layers} layers {config.layer_types}, tie_embeddings="
+                                           f"{config.tie_embeddings})")
+            if t.shape != expected[clean]:
+                raise ckpt.CheckpointError(f"{f}: tensor {name!r} has shape {list(t.shape)}, "
+                                           f"config says {list(expected[clean])}")
+            if t.dtype not in FLOAT_TAGS:
+                raise ckpt.CheckpointError(f"{f}: tensor {name!r} has dtype {t.dtype}, expected a float dtype")
+            tensors[clean], origin[clean] = t, (name, f)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise ckpt.CheckpointError(f"{src}: missing tensor {missing[0]}"
+                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tensors = {n: cast(tensors[n], DTYPE_TAGS[dtype]) if dtype else tensors[n] for n in expected}
+    doc = ckpt.config_document(config, **extra)
+    _write_folder(dst, tensors, dict.fromkeys(tensors, ckpt.WEIGHTS_FILE), doc,
+                  {"format": ckpt.FORMAT, "backend": to}, overwrite)
+    return _report("training checkpoint", src, dst, to, tensors, None)
+
+
+def convert_path(src, dst, *, to: str, dtype: str | None = None, quantize_bits: int | None = None,
+                 group_size: int = 64, dequantize: bool = False, overwrite: bool = False) -> dict:
+    """`lmsleep convert`: a model folder or a training checkpoint, whichever `src` is."""
+    if detect(src) == "model":
+        return convert_model(src, dst, to=to, dtype=dtype, quantize_bits=quantize_bits, group_size=group_size,
+                             dequantize=dequantize, overwrite=overwrite)
+    if quantize_bits is not None or dequantize:
+        raise ValueError(f"{src} is a training checkpoint: convert it to a model folder first, then "
+                         "quantize or dequantize that folder")
+    return convert_training_checkpoint(src, dst, to=to, dtype=dtype, overwrite=overwrite)
+
+
+def detect(src) -> str:
+    """What `src` is: "model" (a clean model folder) or "training" (a trainer checkpoint, bare weights)."""
+    src = Path(src)
+    if not src.exists():
+        raise ckpt.CheckpointError(f"{src}: no such file or folder")
+    if src.is_file() or (src / tr.TRAINER_STATE_FILE).exists() or (src / tr.OPTIMIZER_FILE).exists():
+        return "training"
+    try:
+        doc = json.loads((src / ckpt.CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return "training"  # no lm-sleep config.json: the training path names what is missing
+    if not isinstance(doc, dict) or doc.get("format") != ckpt.FORMAT:
+        return "training"
+    try:
+        names = [n for f in ckpt.weight_files(src) for n in ckpt.read_header(f)]
+    except ckpt.CheckpointError:
+        return "model"  # convert_model reports what is wrong with the folder
+    return "training" if any(n.startswith(PREFIXES) for n in names) else "model"
+
+
+def strip_prefixes(name: str) -> str:
+    """'module._orig_mod.layers.0.norm1.weight' -> 'layers.0.norm1.weight' (any order, any repeat)."""
+    while name.startswith(PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def summary(report: dict) -> str:
+    """One line for the command line."""
+    line = (f"converted {report['kind']} {report['src']} -> {report['dst']} for {report['to']}: "
+            f"{report['tensors']} tensors, {report['bytes'] / 1e6:.2f} MB, {'/'.join(report['dtypes'])}")
+    q = report.get("quantization")
+    if q:
+        line += f", {q['bits']}-bit group {q['group_size']} on {len(q['layers'])} layers"
+    return line
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def _check_args(to, dtype, overwrite, src, dst) -> None:
+    if to not in BACKENDS:
+        raise ValueError(f"to must be one of {BACKENDS}, got {to!r}")
+    if dtype is not None and dtype not in DTYPE_TAGS:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_TAGS)}, got {dtype!r}")
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"{dst}: the target is the source; write the conversion to another folder")
+    if Path(dst).exists() and not overwrite:  # checked before any work; atomic_folder checks again
+        raise ckpt.CheckpointError(f"{dst}: already exists (pass overwrite=True / --force to replace it)")
+
+
+def _read_folder(folder, where: dict[str, Path], config: ModelConfig, quant: dict | None):
+    """Every tensor as Raw in canonical order, name -> shard file name, the first file's metadata."""
+    tensors, meta = {}, {}
+    for f in sorted(set(where.values())):
+        raw, file_meta = read_raw(f)
+        tensors.update(raw)
+        meta = meta or file_meta
+    order = list(ckpt.expected_shapes(config, quant))
+    return {n: tensors[n] for n in order}, {n: where[n].name for n in order}, meta
+
+
+def _write_folder(dst, tensors: dict[str, Raw], file_of: dict[str, str], doc: dict, meta: dict,
+                  overwrite: bool) -> None:
+    """Atomically write config.json + the weight files (+ index when sharded); validated before it appears."""
+    files = list(dict.fromkeys(file_of[n] for n in tensors))
+    with ckpt.atomic_folder(dst, overwrite=overwrite) as tmp:
+        for fname in files:
+            write_raw(tmp / fname, {n: t for n, t in tensors.items() if file_of[n] == fname}, meta)
+        if files != [ckpt.WEIGHTS_FILE]:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                     "weight_map": {n: file_of[n] for n in tensors}}
+            ckpt.write_json(tmp / ckpt.INDEX_FILE, index)
+        ckpt.write_json(tmp / ckpt.CONFIG_FILE, doc)
+        ckpt.validate_folder(tmp)
+
+
+def _training_config(src: Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, extra config.json fields: tokenizer, task) of a training checkpoint or weights file."""
+    folder = src if src.is_dir() else src.parent
+    path, state_path = folder / ckpt.CONFIG_FILE, folder / tr.TRAINER_STATE_FILE
+    state = _read_json(state_path) if state_path.is_file() else {}
+    if path.is_file():
+        doc = _read_json(path)
+        if doc.get("format") == ckpt.FORMAT:
+            ckpt.read_config(folder)  # checks format_version and the model config
+        model = doc.get("model", doc)  # an lm-sleep document, {"model": {...}} or bare ModelConfig fields
+    elif isinstance(state.get("model"), dict):
+        doc, path, model = {}, state_path, state["model"]
+    else:
+        raise ckpt.CheckpointError(f"{folder}: no config.json (the model config must lie beside the weights)")
+    try:
+        config = ModelConfig.from_dict(model)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{path}: bad model config: {e}") from None
+    extra = {"tokenizer": doc.get("tokenizer")} if doc.get("tokenizer") else {}
+    task = doc.get("task") or state.get("task")
+    if task:
+        extra["task"] = task
+    return config, extra
+
+
+def _training_weight_files(src: Path) -> list[Path]:
+    if src.is_file():
+        return [src]
+    if (src / ckpt.INDEX_FILE).is_file() or (src / ckpt.WEIGHTS_FILE).is_file():
+        return ckpt.weight_files(src)
+    files = sorted(f for f in src.glob("*.safetensors") if f.name != tr.OPTIMIZER_FILE)
+    if not files:
+        raise ckpt.CheckpointError(f"{src}: no model weights (*.safetensors besides {tr.OPTIMIZER_FILE})")
+    return files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ckpt.CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ckpt.CheckpointError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _report(kind, src, dst, to, tensors: dict[str, Raw], quant) -> dict:
+    dtypes = sorted({t.dtype for t in tensors.values() if t.dtype in FLOAT_TAGS})
+    names = {v: k for k, v in DTYPE_TAGS.items()}
+    return {"kind": kind, "src": str(src), "dst": str(dst), "to": to, "tensors": len(tensors),
+            "bytes": sum(t.nbytes for t in tensors.values()), "dtypes": [names[d] for d in dtypes],
+            **({"quantization": quant} if quant else {})}
+
+
+__all__ = ["convert_model", "convert_training_checkpoint", "convert_path", "detect", "strip_prefixes", "summary"]
