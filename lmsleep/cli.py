@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -238,10 +239,11 @@ def generate(model_dir, prompt, verbose, max_tokens, temp, top_k, top_p, seed, p
 
 @cli.command()
 @click.argument("model_dir", type=click.Path())
+@click.option("--memory", type=click.Path(dir_okay=False), help="Start from a memory file (written by /save).")
 @sampling_options
 @backend_option
 @user_errors
-def chat(model_dir, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend):
+def chat(model_dir, memory, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend):
     """Chat with a model; it sleeps between turns and its memory stays constant.
 
     \b
@@ -260,6 +262,10 @@ def chat(model_dir, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend
     sampling = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed, passes=passes)
     session = ChatSession(model, tok, b.generate, sampling=sampling, stop=wf.stop_ids(tok), no_grad=b.no_grad,
                           echo=lambda text, nl=True: click.echo(text, nl=nl))
+    if memory:
+        if not os.path.isfile(memory):
+            raise UserError(f"{memory}: no such memory file")
+        session.state = model.load_state(memory)
     run_repl(session, interactive=sys.stdin.isatty())
 
 

@@ -125,3 +125,42 @@ def test_due_sleep_runs_on_a_thread_between_turns_and_is_joined_before_the_next_
     session.handle("/stats")  # the next input joins it first
     assert session.sleeper is None and session.state.due == 0 and session.state.sleeps == 1
     assert events == [("sleep", False, 2)]  # ran once, on the background thread, with the window's N
+
+
+def test_chat_refuses_a_memory_file_of_another_model(text_model, tmp_path):
+    other = tmp_path / "other"
+    cfg = ModelConfig.from_name("debug", vocab_size=ByteTokenizer().vocab_size, window=16, sleep_passes=2)
+    model = HybridLM(cfg, seed=1)
+    save(model, other, tokenizer=ByteTokenizer().to_dict())
+    _, state = model.step(torch.tensor([[1, 2, 3]]), model.new_state(1))
+    model.save_state(state, tmp_path / "other.safetensors")
+    result = run("chat", text_model, "--memory", tmp_path / "other.safetensors", "--backend", "torch", input="/quit\n")
+    assert_user_error(result, "written by another model")
+    assert_user_error(run("chat", text_model, "--memory", tmp_path / "none.safetensors", input=""), "no such memory file")
+    ok = run("chat", other, "--memory", tmp_path / "other.safetensors", "--backend", "torch", input="/stats\n/quit\n")
+    assert ok.exit_code == 0 and "[tokens seen 3," in ok.output
+
+
+def test_text_training_eval_perplexity_and_generation_stop(tmp_path):
+    data = tmp_path / "notes.txt"
+    data.write_text("the sleeping model dreams of windows. " * 60)
+    out = tmp_path / "run"
+    result = run("train", "--task", "text", "--data", data, "--task-arg", "seq_len=48", "--task-arg", "window=16",
+                 "--preset", "debug", "--steps", "3", "--set", "batch_size=4", "--set", "eval_interval=0",
+                 "--out", out, "--quiet", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    result = run("eval", out / "model", "--n", "4", "--json", "-", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+    result = run("generate", out / "model", "--prompt", "the ", "--max-tokens", "40", "--verbose", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert "sleeps" in result.output  # --verbose stats line (stderr is mixed in by CliRunner)
+
+
+def test_train_nproc_runs_ddp_with_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    result = run("train", "--task", "rule110", "--task-arg", "width=8", "--task-arg", "states=2", "--preset", "debug",
+                 "--steps", "2", "--set", "batch_size=4", "--set", "eval_interval=0", "--nproc", "2", "--out", out,
+                 "--quiet", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert (out / "model" / "config.json").is_file() and (out / "metrics.jsonl").is_file()

@@ -1,0 +1,42 @@
+"""The README's Mac session, run line by line with --backend mlx (MLX's CPU build on Linux).
+
+Only sizes change: the step count is cut to a few, and paths point into a temporary folder.
+"""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lmsleep.cli import cli
+
+pytest.importorskip("mlx.core")
+pytest.importorskip("torch")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def mac_session_lines() -> list[str]:
+    text = README.read_text()
+    block = re.search(r"<!-- mac-session.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_mac_session_runs_with_mlx(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("Sleep writes each window into the fast weights. " * 80)
+    lines = mac_session_lines()
+    assert [ln.split()[1] for ln in lines] == ["train", "chat", "convert", "parity", "convert"]
+    for line in lines:
+        args = shlex.split(line)[1:]
+        if args[0] == "train":
+            args[args.index("--steps") + 1] = "3"
+            args += ["--task-arg", "seq_len=64", "--set", "batch_size=4", "--set", "eval_interval=0", "--quiet"]
+        stdin = "hello\n/sleep\n/save mem.safetensors\n/stats\n/quit\n" if args[0] == "chat" else None
+        if args[0] == "chat":
+            args += ["--max-tokens", "8"]
+        result = CliRunner().invoke(cli, args, input=stdin)
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+    assert Path("mem.safetensors").is_file()
+    assert Path("runs/notes-torch/config.json").is_file() and Path("runs/notes-q4/config.json").is_file()
