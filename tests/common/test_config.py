@@ -79,7 +79,7 @@ def test_overrides_parse_and_route():
 
 def test_common_imports_no_framework():
     code = ("import sys, common, common.config, common.checkpoint, common.init, common.tokenizers, common.tasks, "
-            "common.tasks.render, common.training\n"
+            "common.tasks.render, common.training, common.memory, common.sampling\n"
             "bad = [m for m in ('torch', 'mlx', 'mlx.core') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

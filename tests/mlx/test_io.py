@@ -71,7 +71,7 @@ def _corrupt(folder: Path, how: str):
         (folder / "config.json").write_text(json.dumps(doc))
     elif how == "quantized":
         doc = json.loads((folder / "config.json").read_text())
-        doc["quantization"] = {"bits": 4, "group_size": 32, "layers": []}
+        doc["quantization"] = {"bits": 4, "group_size": 32, "layers": ["layers.0.attn.nope"]}
         (folder / "config.json").write_text(json.dumps(doc))
     else:
         tensors = mx.load(str(f))
@@ -86,7 +86,7 @@ def _corrupt(folder: Path, how: str):
 
 BAD = {"truncated": "truncated", "version": "format_version 99", "missing": "missing tensor norm.weight",
        "extra": "unexpected tensor bonus.weight", "shape": r"norm.weight has shape \[5\]",
-       "quantized": "quantized folders"}
+       "quantized": "quantization lists unknown layer layers.0.attn.nope"}
 
 
 @pytest.mark.parametrize("how", BAD, ids=list(BAD))
