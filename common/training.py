@@ -13,6 +13,7 @@ be identical between them, so that a run means the same thing on either backend:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import re
 from pathlib import Path
 
 from common.checkpoint import CheckpointError, atomic_file
-from common.config import PRESETS, ModelConfig, TrainConfig
+from common.config import PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, parse_override, split_overrides
 
 # --- files of a run (out_dir/...) -----------------------------------------------------------------
 CHECKPOINT_DIR = "checkpoint"  # model folder + optimizer.safetensors + optimizer.json + trainer_state.json
@@ -123,6 +124,48 @@ def resolve_model_config(task, base_config: ModelConfig | str, overrides: dict |
             raise ValueError(f"ModelConfig.{name}={overrides[name]!r} contradicts task {task.name!r} "
                              f"({name}={getattr(task, name)}); leave it unset to use the task's")
     return base.replace(**{**{name: getattr(task, name) for name in TASK_FIELDS}, **overrides})
+
+
+def build_run(task_name: str, task_params: dict, preset: str, overrides: dict, *, passes=None, grad_accum=None,
+              steps=None, data=None):
+    """(task, ModelConfig, TrainConfig) from a preset, flat key=value overrides and the task itself."""
+    from common.tasks import make  # here, not at the top: tasks do not need the trainer's helpers
+
+    if data is not None:
+        task_params = {**task_params, "path": str(data)}
+    task = make(task_name, **task_params)
+    model_over, train_over = split_overrides(overrides)
+    if passes is not None:
+        model_over["sleep_passes"] = passes
+    for key, value in (("grad_accum", grad_accum), ("steps", steps)):
+        if value is not None:
+            train_over[key] = value
+    mc = resolve_model_config(task, preset, model_over)
+    tc = TRAIN_PRESETS.get(preset, TrainConfig()).replace(**train_over)
+    return task, mc, tc
+
+
+def train_arg_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The flags of `python -m sleep_{torch,mlx}.train` (what torchrun launches)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    p.add_argument("--task", required=True, help="task name: rule110, depo, gsm, text")
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="task parameter, e.g. --task-arg steps=0 (repeatable)")
+    p.add_argument("--preset", default="debug", help=f"model + train preset: {', '.join(PRESETS)}")
+    p.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint/, model/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig or TrainConfig field, e.g. --set batch_size=32 (repeatable)")
+    p.add_argument("--steps", type=int, help="TrainConfig.steps (the schedule's length)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps without changing the schedule")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run_from_args(args: argparse.Namespace):
+    """(task, ModelConfig, TrainConfig) from train_arg_parser's parsed flags."""
+    return build_run(args.task, dict(parse_override(s) for s in args.task_arg), args.preset,
+                     dict(parse_override(s) for s in args.set), steps=args.steps)
 
 
 def check_task_config(task, config: ModelConfig) -> None:

@@ -13,27 +13,10 @@ from pathlib import Path
 
 from common import checkpoint as ckpt
 from common import training as tr
-from common.config import TRAIN_PRESETS, ModelConfig, TrainConfig, split_overrides
+from common.config import ModelConfig, TrainConfig
 from common.tasks import make
+from common.training import build_run
 from lmsleep.backends import load_backend, resolve
-
-
-def build_run(task_name: str, task_params: dict, preset: str, overrides: dict, *, passes=None, grad_accum=None,
-              steps=None, data=None):
-    """(task, ModelConfig, TrainConfig) from a preset, --set overrides and the task's own vocab/window."""
-    if data is not None:
-        task_params = {**task_params, "path": str(data)}
-    task = make(task_name, **task_params)
-    model_over, train_over = split_overrides(overrides)
-    if passes is not None:
-        model_over["sleep_passes"] = passes
-    for key, value in (("grad_accum", grad_accum), ("steps", steps)):
-        if value is not None:
-            train_over[key] = value
-    ModelConfig.from_name(preset)  # unknown preset -> ValueError naming it
-    mc = tr.resolve_model_config(task, preset, model_over)
-    tc = TRAIN_PRESETS.get(preset, TrainConfig()).replace(**train_over)
-    return task, mc, tc
 
 
 def run_train(backend: str, task, mc: ModelConfig, tc: TrainConfig, out: str, *, resume=False, progress=True,

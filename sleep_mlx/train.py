@@ -23,7 +23,6 @@ is out of scope: use sleep_torch.train under torchrun). docs/TRAINING.md explain
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -41,8 +40,8 @@ from tqdm import tqdm
 
 from common import checkpoint as ckpt
 from common import training as tr
-from common.config import PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, parse_override, split_overrides
-from common.tasks import Batch, make
+from common.config import ModelConfig, TrainConfig
+from common.tasks import Batch
 from common.training import lr_at  # noqa: F401  (the schedule both backends share; public here too)
 from sleep_mlx.io import read_tensors, save
 from sleep_mlx.model import HybridLM
@@ -404,27 +403,11 @@ def _train(task, mc: ModelConfig, tc: TrainConfig, out_dir: Path, *, resume, pro
 # --- command line (the click CLI comes on top) -----------------------------------------------------
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sleep_mlx.train", description=__doc__.split("\n")[0])
-    p.add_argument("--task", required=True, help="task name: rule110, depo, gsm, text")
-    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="task parameter, e.g. --task-arg steps=0 (repeatable)")
-    p.add_argument("--preset", default="debug", help=f"model + train preset: {', '.join(PRESETS)}")
-    p.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint/, model/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="ModelConfig or TrainConfig field, e.g. --set batch_size=32 (repeatable)")
-    p.add_argument("--steps", type=int, help="TrainConfig.steps (the schedule's length)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps without changing the schedule")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = tr.train_arg_parser("python -m sleep_mlx.train", __doc__)
     p.add_argument("--device", choices=("cpu", "gpu"), help="MLX device (default: MLX's default device)")
     args = p.parse_args(argv)
     try:
-        task = make(args.task, **dict(parse_override(s) for s in args.task_arg))
-        model_over, train_over = split_overrides(dict(parse_override(s) for s in args.set))
-        if args.steps is not None:
-            train_over["steps"] = args.steps
-        mc = tr.resolve_model_config(task, args.preset, model_over)
-        tc = TRAIN_PRESETS.get(args.preset, TrainConfig()).replace(**train_over)
+        task, mc, tc = tr.run_from_args(args)
         summary = train(task, mc, tc, args.out, resume=args.resume, progress=not args.no_progress,
                         max_steps=args.max_steps, device=args.device)
     except (ValueError, TrainingError) as e:

@@ -12,7 +12,7 @@ from convert import hub
 
 @pytest.fixture
 def model_dir(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from sleep_torch import HybridLM, save
 
     save(HybridLM(ModelConfig.from_name("debug")), tmp_path / "model")
