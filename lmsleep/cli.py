@@ -384,13 +384,198 @@ def hub_pull(repo, out_dir, revision, force):
     click.echo(f"pulled {repo} into {pull(repo, out_dir, revision=revision, overwrite=force)}")
 
 
-@cli.command()
+@cli.group()
+def bench():
+    """Measure speed and memory: the SSM scan, decoding, sleep, training.
+
+    Each prints a table, writes JSON (default benchmarks/results/NAME-BACKEND[-quick].json) with the
+    machine, settings, every measurement and each target met or not, and can draw a PNG.
+    Timings are medians of repeats after warm-up. docs/BENCHMARKS.md has the measured tables.
+    """
+
+
+def bench_options(fn):
+    for option in reversed([
+        click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about a minute on a laptop CPU)."),
+        click.option("--json", "json_out", type=click.Path(dir_okay=False),
+                     help="Where to write the results.  [default: benchmarks/results/NAME-BACKEND[-quick].json]"),
+        click.option("--plot", type=click.Path(dir_okay=False),
+                     help="Also draw the results as a PNG (needs matplotlib)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="torch: cpu|cuda; mlx: cpu|gpu; auto = CUDA when torch sees it, MLX's default device."),
+        click.option("--threads", type=int, help="torch intra-op threads (default: one per core)."),
+    ]):
+        fn = option(fn)
+    return backend_option(fn)
+
+
+def finish_bench(name: str, module, doc: dict, json_out, plot) -> None:
+    """Print the table and targets, write the JSON, draw the plot."""
+    from lmsleep.bench import common as bc
+
+    doc["command"] = command_line()
+    m = doc["machine"]
+    click.echo(f"\n{name} | {doc['backend']} on {m['device']} | {m['cpu']} x{m['cpus_usable']} | "
+               f"{m['date']} | load {m['load_avg']}")
+    click.echo(module.table(doc))
+    if doc["targets"]:
+        click.echo("targets:\n" + bc.format_targets(doc["targets"]))
+    path = bc.write_json(doc, json_out or bc.default_json_path(name, doc["backend"], doc["quick"]))
+    click.echo(f"json: {path}")
+    if plot:
+        written = module.plot(doc, plot)
+        click.echo(f"plot: {written}" if written else "plot skipped: matplotlib is not installed", err=True)
+
+
+def command_line() -> str:
+    """The bench command as typed (arguments of the click context, for the JSON record)."""
+    ctx = click.get_current_context()
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value in (None, False, ()) or value == param.default:
+            continue
+        flag = param.opts[0]
+        if value is True:
+            args.append(flag)
+        else:
+            args += [f"{flag} {v}" for v in (value if isinstance(value, tuple) else (value,))]
+    return " ".join(["lmsleep", ctx.command_path.split(" ", 1)[-1], *args])
+
+
+def progress_echo(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@bench.command(name="scan")
+@click.option("--length", "lengths", multiple=True, type=int,
+              help="Sequence length T (repeatable).  [default: 256 1024 4096; --quick: 256 1024]")
+@click.option("--repeats", type=int, help="Timed runs per cell (after one warm-up).")
+@bench_options
 @user_errors
-def demo():
-    """The short end-to-end job that `make demo` runs."""
+def bench_scan(lengths, repeats, quick, json_out, plot, device, threads, backend):
+    """ssm_scan ref vs chunk vs kernel, forward and forward+backward, both rules, B=4 H=4 D=64.
+
+    Reports time, tokens/s and the speedup over the step-by-step ref; "kernel" runs where it
+    exists (CUDA with flash-linear-attention, Metal for MLX) and is listed as skipped elsewhere.
+
+    \b
+    Example:
+      lmsleep bench scan --backend torch --quick --plot scan.png
+    """
+    from lmsleep.bench import scan
+
+    doc = scan.run(backend, quick=quick, device=device, threads=threads, lengths=lengths or None,
+                   repeats=repeats, progress=progress_echo)
+    finish_bench("scan", scan, doc, json_out, plot)
+
+
+@bench.command(name="decode")
+@click.option("--context", "contexts", multiple=True, type=int,
+              help="Context length to measure at (repeatable).  [default: 1024 4096 16384 65536; --quick: 1024 4096]")
+@click.option("--measure", type=int, help="Single-token steps timed at each context.  [default: 256; --quick: 128]")
+@click.option("--stream", "stream_mode", type=click.Choice(["tokens", "chunks"]),
+              help="How the sleep model reaches each context: one token per step, or a window per step.  "
+                   "[default: tokens; --quick: chunks]")
+@click.option("--passes", default=2, show_default=True, help="Sleep passes N of the sleep model.")
+@click.option("--window", default=64, show_default=True, help="Window L of the sleep model.")
+@click.option("--no-baseline", is_flag=True, help="Skip the growing-KV-cache baseline.")
+@bench_options
+@user_errors
+def bench_decode(contexts, measure, stream_mode, passes, window, no_baseline, quick, json_out, plot, device,
+                 threads, backend):
+    """Per-token latency and memory while streaming long contexts, vs a full-attention baseline.
+
+    The sleep model (small-rule110, vocabulary 258, batch 1) keeps a bounded State; the baseline
+    (same width and depth, all attention, nothing evicted) keeps every key and value.
+
+    \b
+    Example:
+      lmsleep bench decode --backend torch --quick --plot decode.png
+    """
+    from lmsleep.bench import decode
+
+    doc = decode.run(backend, quick=quick, device=device, threads=threads, contexts=contexts or None,
+                     measure=measure, stream_mode=stream_mode, passes=passes, window=window,
+                     baseline=not no_baseline, progress=progress_echo)
+    finish_bench("decode", decode, doc, json_out, plot)
+
+
+@bench.command(name="sleep")
+@click.option("--passes", "passes", multiple=True, type=int,
+              help="Sleep passes N (repeatable).  [default: 1..8; --quick: 1 2 4 8]")
+@click.option("--window", "windows", multiple=True, type=int,
+              help="Window L (repeatable).  [default: 64 128 256; --quick: 64 128]")
+@click.option("--batch", default=1, show_default=True, help="Streams sleeping at once.")
+@bench_options
+@user_errors
+def bench_sleep(passes, windows, batch, quick, json_out, plot, device, threads, backend):
+    """Time of one sleep vs N and vs L, next to one window's prefill.
+
+    \b
+    Example:
+      lmsleep bench sleep --backend torch --quick --plot sleep.png
+    """
+    from lmsleep.bench import sleep
+
+    doc = sleep.run(backend, quick=quick, device=device, threads=threads, passes=passes or None,
+                    windows=windows or None, batch=batch, progress=progress_echo)
+    finish_bench("sleep", sleep, doc, json_out, plot)
+
+
+@bench.command(name="train")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(["paper-rule110", "paper-depo", "debug"]),
+              help="Model preset and its task (repeatable).  "
+                   "[default: paper-rule110 paper-depo; --quick: paper-rule110]")
+@click.option("--passes", "passes", multiple=True, type=int,
+              help="Sleep passes N (repeatable).  [default: 1 2 4; --quick: 1 4]")
+@click.option("--batch", type=int, help="Examples per optimizer step.  [default: 64; --quick: 16]")
+@click.option("--micro-batch", type=int,
+              help="Rows per forward/backward (gradients accumulate).  [default: the whole batch; paper-depo: 8]")
+@click.option("--repeats", type=int, help="Timed steps per row (after one warm-up step).")
+@click.option("--scan-impl", default="auto", show_default=True,
+              type=click.Choice(["auto", "chunk", "kernel", "ref"]),
+              help="ssm_scan implementation used in training (auto = kernel on CUDA, else chunk).")
+@click.option("--no-profile", is_flag=True, help="Skip the torch.profiler run.")
+@bench_options
+@user_errors
+def bench_train(presets, passes, batch, micro_batch, repeats, scan_impl, no_profile, quick, json_out, plot, device,
+                threads, backend):
+    """Training tokens/s and model FLOP/s as a fraction of this machine's measured matmul peak.
+
+    One step = forward + backward over every window and sleep pass, then Muon + AdamW. The torch
+    backend also profiles one step (top ops by self CPU time).
+
+    \b
+    Example:
+      lmsleep bench train --backend torch --quick --json train.json
+    """
+    from lmsleep.bench import train
+
+    doc = train.run(backend, quick=quick, device=device, threads=threads, presets=presets or None,
+                    passes=passes or None, batch=batch, micro_batch=micro_batch, repeats=repeats,
+                    scan_impl=scan_impl, profile=not no_profile, progress=progress_echo)
+    finish_bench("train", train, doc, json_out, plot)
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the two runs go (re-running continues / reuses them).")
+@click.option("--steps", default=200, show_default=True, help="Training steps for each N.")
+@click.option("--batch-size", default=32, show_default=True, help="Examples per step.")
+@click.option("--seed", default=0, show_default=True, help="Init and data seed (same for both N).")
+@backend_option
+@user_errors
+def demo(out, steps, batch_size, seed, backend):
+    """Train N=1 and N=4 on Rule 110 for the same steps and compare (what `make demo` runs).
+
+    \b
+    Example:
+      lmsleep demo --steps 400 --out runs/demo400
+    """
     from lmsleep.demo import run_demo
 
-    run_demo()
+    run_demo(out, steps=steps, batch_size=batch_size, backend=backend, seed=seed)
 
 
 def main():

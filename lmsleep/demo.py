@@ -1,46 +1,80 @@
-"""`make demo`: a short end-to-end look at a sleeping model on the embedded default (Rule 110).
-
-Shows the task as the model sees it, then streams several windows through a small model with
-N = 1 and N = 4 and reports the sleeps, the bounded State and the effect of sleep on the logits.
+"""`make demo`: train the same small hybrid on Rule 110 with N = 1 (no sleep) and N = 4 (sleep),
+for the same number of steps, then compare accuracy and wall time (a short, single-seed run: noisy).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import click
 
-from common.config import ModelConfig
+from common import training as tr
 from common.tasks import make
 from common.tasks.render import render_example
+from lmsleep import workflows as wf
+
+DEMO_TASK = {"steps": 1}  # Rule 110 depth t: the answer is the first bit after one automaton step
+DEMO_PRESET = "small-rule110"  # ASAS, width 64 (PAPER.md "observed at laptop scale")
 
 
-def run_demo(passes: tuple[int, ...] = (1, 4), seed: int = 0) -> dict:
-    import torch
+def run_demo(out: str = "runs/demo", *, passes=(1, 4), steps: int = 200, batch_size: int = 32,
+             backend: str = "auto", seed: int = 0) -> list[dict]:
+    task = make("rule110", **DEMO_TASK)
+    click.echo(f"Task {task!r}: 4 random 24-bit states, one per window (L = {task.window}); then '|' and the")
+    click.echo("first bit of each state after t Rule-110 steps. Evicted windows survive only in the SSM state.")
+    click.echo(render_example(task, task.sample(1, seed), 0) + "\n")
+    overrides = {"batch_size": batch_size, "eval_interval": max(steps // 4, 1), "eval_samples": 256,
+                 "save_interval": 0, "seed": seed, "warmup_steps": 20}
+    rows = []
+    for n in passes:
+        run_dir = Path(out) / f"n{n}"
+        task, mc, tc = tr.build_run("rule110", DEMO_TASK, DEMO_PRESET, overrides, passes=n, steps=steps)
+        click.echo(f"Training N={n}: {mc.layer_types}, d_model={mc.d_model}, batch {tc.batch_size}, {tc.steps} steps "
+                   f"-> {run_dir}")
+        start = time.perf_counter()
+        summary = wf.run_train(backend, task, mc, tc, str(run_dir), resume=(run_dir / tr.CHECKPOINT_DIR).exists())
+        ev = summary["eval"]
+        rows.append({"N": n, "exact": ev["exact"], "per_answer": ev["per_answer"],
+                     "majority_exact": ev["majority_exact"], "wall_s": round(time.perf_counter() - start, 1)})
+    click.echo("\n" + wf.format_table(rows))
+    click.echo("exact = all 4 answers right; majority_exact = always answering the more common bit (the real "
+               "chance level).\nOne seed and a few hundred steps: expect noise; repeat with --seed 1, 2 ... "
+               "before drawing a conclusion.")
+    plot = plot_curves(out, passes)
+    if plot:
+        click.echo(f"plot: {plot}")
+    (Path(out) / "demo.json").write_text(json.dumps(rows, indent=2))
+    best = Path(out) / f"n{passes[-1]}" / tr.MODEL_DIR
+    click.echo(f"\nNext:\n  .venv/bin/lmsleep eval {best} --passes 1 --passes 2 --passes 4\n"
+               f"  .venv/bin/lmsleep generate {best} --prompt 011010011101001110100101 --max-tokens 24\n"
+               f"  .venv/bin/lmsleep convert {best} {out}/n{passes[-1]}-mlx --to mlx    # then chat on a Mac")
+    return rows
 
-    from sleep_torch import HybridLM
 
-    task = make("rule110", steps=2)
-    batch = task.sample(4, seed)
-    click.echo(f"Task: {task!r}, window L={task.window}, T={batch.tokens.shape[1]}")
-    click.echo(render_example(task, batch, 0) + "\n")
-    config = ModelConfig.from_name("small-rule110", vocab_size=task.vocab_size, window=task.window)
-    click.echo(f"Model: small-rule110 ({config.layer_types}, d_model={config.d_model}, L={config.window})")
-    model = HybridLM(config, seed=seed).eval()
-    tokens = torch.as_tensor(batch.tokens, dtype=torch.long)
-    results = {}
-    with torch.no_grad():
-        for n in passes:
-            start = time.perf_counter()
-            state = model.new_state(tokens.shape[0])
-            logits, state = model.step(tokens, state, passes=n)
-            results[n] = dict(logits=logits, sleeps=state.sleeps, bytes=state.nbytes(),
-                              seconds=time.perf_counter() - start)
-            click.echo(f"  N={n}: streamed {tokens.shape[1]} tokens, {state.sleeps} sleeps, "
-                       f"State {state.nbytes() / 1024:.1f} KiB, {results[n]['seconds'] * 1e3:.0f} ms")
-    a, b = results[passes[0]]["logits"], results[passes[-1]]["logits"]
-    L = task.window
-    click.echo(f"First window identical for N={passes[0]} and N={passes[-1]}: "
-               f"{bool(torch.equal(a[:, :L], b[:, :L]))}; later windows differ by up to "
-               f"{(a[:, L:] - b[:, L:]).abs().max().item():.3f} (sleep wrote them into the SSM state).")
-    return results
+def plot_curves(out: str, passes) -> Path | None:
+    """Eval exact accuracy vs step for each N (None when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in passes:
+        records = [r for r in tr.read_metrics(Path(out) / f"n{n}" / tr.METRICS_FILE) if "eval_exact" in r]
+        ax.plot([r["step"] for r in records], [r["eval_exact"] for r in records], marker="o", label=f"N={n}")
+        if records:
+            ax.axhline(records[-1]["eval_majority_exact"], color="gray", ls=":", lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("exact accuracy (4 answers)")
+    ax.set_title(f"Rule 110, t={DEMO_TASK['steps']} (dotted: majority baseline)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out) / "demo.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

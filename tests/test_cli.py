@@ -164,3 +164,11 @@ def test_train_nproc_runs_ddp_with_gloo(tmp_path):
                  "--quiet", "--backend", "torch")
     assert result.exit_code == 0, result.output
     assert (out / "model" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_demo_trains_both_n_and_prints_the_table(tmp_path):
+    result = run("demo", "--steps", "2", "--batch-size", "4", "--out", tmp_path / "demo", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert [r["N"] for r in rows] == [1, 4] and all(0 <= r["exact"] <= 1 for r in rows)
+    assert "majority_exact" in result.output and "lmsleep convert" in result.output
