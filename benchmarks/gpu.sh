@@ -5,8 +5,9 @@
 #   OUT=/path/to/results bash benchmarks/gpu.sh          # from the repository root
 #
 # Installs nothing beyond `pip install -e .[torch,cuda]`, and only when torch/triton/fla are missing.
-# Budget: about 5 minutes on an H100 (scan ~1 min, train ~3 min); each command has its own timeout
-# so that a hang in one does not eat the rest. Logs go beside the JSON.
+# Budget: a lent machine has ~15 minutes in all. Each command has its own timeout (200 + 240 + 240 s,
+# so at most ~11.5 minutes plus start-up) so that a slow or hung one does not eat the rest; a command
+# cut off by its timeout writes no JSON, the log says which. Logs go beside the JSON.
 set -uo pipefail
 
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -36,10 +37,10 @@ run() {  # run NAME TIMEOUT_S ARGS...: one benchmark, its exit code reported, ne
 }
 
 # Scan: ref / chunk / kernel (fla chunk kernels; our recurrent Triton kernel below T=16 without grad).
-run scan-cuda 240 scan --backend torch
+run scan-cuda 200 scan --backend torch
 # Training on CUDA: the trainers' default scan "auto" is the kernel on CUDA; chunk for comparison.
 for impl in kernel chunk; do
-    run "train-cuda-$impl" 300 train --backend torch --scan-impl "$impl" --preset paper-rule110 --preset paper-depo \
+    run "train-cuda-$impl" 240 train --backend torch --scan-impl "$impl" --preset paper-rule110 --preset paper-depo \
         --passes 1 --passes 4 --repeats 3
 done
 

@@ -43,7 +43,9 @@ def test_scan(backend):
 def test_decode(backend):
     doc = decode.run(backend, quick=True, contexts=(32, 64), measure=16, window=8)
     check_doc(doc, "decode", backend, {"model", "context", "p50_ms", "p90_ms", "sleep_step_ms", "state_bytes_peak",
-                                       "kv_bytes_peak", "rss_bytes"})
+                                       "kv_bytes_peak", "rss_bytes", "replay_p50_ms", "replay_p90_ms"})
+    assert all(r["replay_steps"] == 4 * 8 for r in doc["rows"])  # quick: 4 rounds of one window (L = 8)
+    assert all(r["replay_sleep_step_ms"] is None for r in doc["rows"] if r["model"] == "baseline")  # never evicts
     assert [(r["model"], r["context"]) for r in doc["rows"]] == [
         ("sleep", 32), ("sleep", 64), ("baseline", 32), ("baseline", 64)]
     sleep_rows = [r for r in doc["rows"] if r["model"] == "sleep"]
@@ -52,11 +54,11 @@ def test_decode(backend):
     base = [r for r in doc["rows"] if r["model"] == "baseline"]
     assert base[1]["kv_bytes_peak"] == 2 * base[0]["kv_bytes_peak"]  # the baseline's cache grows
     assert {t["name"].split(",")[0] for t in doc["targets"]} == {
-        "sleep model wake-step latency p50", "sleep model peak State memory change"}
+        "sleep model wake-step latency p50 (interleaved replay)", "sleep model peak State memory change"}
 
 
 def test_decode_token_stream():
-    doc = decode.run("torch", contexts=(24, 48), measure=8, window=8, stream_mode="tokens", baseline=False)
+    doc = decode.run("torch", contexts=(24, 48), measure=8, window=8, stream_mode="tokens", baseline=False, rounds=1)
     assert doc["streams"][0]["steps_timed"] == 48 and doc["rows"][-1]["seen"] == 48
 
 

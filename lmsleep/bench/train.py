@@ -266,8 +266,8 @@ def table(doc: dict) -> str:
                          and doc["backend"] != "torch" else [])
     text = bc.format_table(rows, columns)
     text += "\nmatmul peak (best of before/after the rows): " + ", ".join(
-        f"{k} {v['gflops']:.1f} GFLOP/s (float32 {v['n']}^3; before {v['gflops_before']:.1f}, after "
-        f"{v['gflops_after']:.1f})" for k, v in doc["peaks"].items())
+        f"{k} {v['gflops']:.1f} GFLOP/s (float32 {v['n']}^3; before {v.get('gflops_before', 0):.1f}, after "
+        f"{v.get('gflops_after', 0):.1f})" for k, v in doc["peaks"].items())
     p = doc.get("profile")
     if p:
         text += (f"\nprofile (torch.profiler, {p['preset']} N={p['passes']} batch {p['batch']}, one step, "
