@@ -23,7 +23,8 @@ chunk-to-chunk state passing is sequential.
 
 impl: "ref" (step loop, ground truth), "chunk" (the form above in plain torch ops, differentiable),
 "kernel" (CUDA: flash-linear-attention's chunk kernels for training, our own Triton recurrent kernel
-for short no-grad calls such as decoding), "auto" (kernel on CUDA when available, else chunk).
+for short no-grad calls such as decoding), "auto" (kernel on CUDA when available; otherwise "ref" for
+T == 1, a single decode step where the recurrence itself is cheapest, and "chunk" for T > 1).
 Internal compute dtype = promote(float32, input dtypes); the state comes back in it, o in v's dtype.
 """
 import functools
@@ -292,7 +293,7 @@ def ssm_scan(q, k, v, g, beta, *, rule, scale=None, initial_state=None, impl="au
         return v.new_zeros(B, 0, H, Dv), _initial(initial_state, B, H, Dv, Dk, dt, q.device)
     if impl == "auto":
         use_kernel = q.is_cuda and dt != torch.float64 and _kernel_unavailable(q) is None
-        impl = "kernel" if use_kernel else "chunk"
+        impl = "kernel" if use_kernel else ("ref" if T == 1 else "chunk")
     args = (q, k, v, g, beta)
     if impl == "ref":
         return ssm_scan_ref(*args, rule=rule, scale=scale, initial_state=initial_state)

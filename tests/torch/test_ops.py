@@ -156,11 +156,15 @@ def test_dtypes_scale_and_auto():
     o1, _ = ssm_scan(q, k, v, g, beta, rule="delta", scale=1.0, impl="ref")
     o2, _ = ssm_scan(q, k, v, g, beta, rule="delta", scale=0.5, impl="ref")
     torch.testing.assert_close(o2, 0.5 * o1)
-    # on CPU "auto" is the chunk form
+    # on CPU "auto" is the chunk form for T > 1 and the step loop for T == 1 (bit for bit)
     oa, sa = ssm_scan(q, k, v, g, beta, rule="delta", initial_state=s0)
     oc, sc = ssm_scan(q, k, v, g, beta, rule="delta", initial_state=s0, impl="chunk")
-    torch.testing.assert_close(oa, oc)
-    torch.testing.assert_close(sa, sc)
+    assert torch.equal(oa, oc) and torch.equal(sa, sc)
+    one = (x[:, :1] for x in (q, k, v, g, beta))
+    oa, sa = ssm_scan(*one, rule="delta", initial_state=s0)
+    one = (x[:, :1] for x in (q, k, v, g, beta))
+    orf, srf = ssm_scan(*one, rule="delta", initial_state=s0, impl="ref")
+    assert torch.equal(oa, orf) and torch.equal(sa, srf)
 
 
 def test_empty_sequence_returns_initial_state():

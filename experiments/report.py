@@ -1,0 +1,222 @@
+"""Tables and plots of the experiments: `python -m experiments.report [--root runs/experiments]`.
+
+Reads ROOT/<run>/metrics.jsonl and eval.json of the runs in experiments/grid.py (missing runs are
+left out), prints markdown tables and writes them, with a compact JSON of every number, to
+experiments/results/; the plots go to docs/results/ (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common.training import read_metrics
+from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, RULE110_DEPTHS, RULE110_PASSES, SEEDS, command,
+                              runs)
+
+ROOT = "runs/experiments"
+TABLES = Path("experiments/results")
+PLOTS = Path("docs/results")
+DEPO_KS = (1, 2, 4, 8, 16)
+
+
+def load(root: str) -> dict:
+    """{run name: {"run", "curve": eval records, "wall_s", "eval": {N: row}}} for finished runs."""
+    out = {}
+    for r in runs():
+        folder = Path(root) / r.name
+        if not (folder / "eval.json").exists():
+            continue
+        records = read_metrics(folder / "metrics.jsonl")
+        curve = [{k: v for k, v in rec.items() if k in ("step", "elapsed") or k.startswith("eval_")}
+                 for rec in records if any(k.startswith("eval_") for k in rec)]
+        rows = json.loads((folder / "eval.json").read_text())
+        out[r.name] = {"run": r, "curve": curve, "wall_s": records[-1]["elapsed"],
+                       "eval": {row["passes"]: row for row in rows}}
+    return out
+
+
+def depo_chance() -> float:
+    """Uniform guess over the cycle's nodes, averaged over the cycle size n ~ U[min_nodes, max_nodes]."""
+    sizes = np.arange(DEPO_ARGS["min_nodes"], DEPO_ARGS["max_nodes"] + 1)
+    return float(np.mean(1.0 / sizes))
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else fmt(values[0])
+
+
+def rule110_tables(res: dict) -> list[str]:
+    lines = []
+    for t in RULE110_DEPTHS:
+        lines += [f"### Rule 110, t = {t}: final evaluation ({EVAL_N} examples, at the trained N)",
+                  "", "| N | seed | exact | per answer | majority exact | train wall time (s) | s/step |",
+                  "|---|---|---|---|---|---|---|"]
+        for n in RULE110_PASSES:
+            for s in SEEDS:
+                r = res.get(f"rule110-t{t}-n{n}-s{s}")
+                if r:
+                    e = r["eval"][n]
+                    lines.append(f"| {n} | {s} | {fmt(e['exact'])} | {fmt(e['per_answer'])} | "
+                                 f"{fmt(e['majority_exact'])} | {r['wall_s']:.0f} | "
+                                 f"{r['wall_s'] / r['run'].steps:.2f} |")
+        for s in SEEDS:
+            r = res.get(f"rule110-t{t}-n1-long-s{s}")
+            if r:
+                e = r["eval"][1]
+                lines.append(f"| 1 ({r['run'].steps} steps) | {s} | {fmt(e['exact'])} | {fmt(e['per_answer'])} | "
+                             f"{fmt(e['majority_exact'])} | {r['wall_s']:.0f} | {r['wall_s'] / r['run'].steps:.2f} |")
+        lines += ["", f"Mean ± sd over seeds {list(SEEDS)}, exact accuracy:", "",
+                  "| N | exact | per answer |", "|---|---|---|"]
+        for n in RULE110_PASSES:
+            got = [res[k] for k in (f"rule110-t{t}-n{n}-s{s}" for s in SEEDS) if k in res]
+            lines.append(f"| {n} | {mean_sd([g['eval'][n]['exact'] for g in got])} | "
+                         f"{mean_sd([g['eval'][n]['per_answer'] for g in got])} |")
+        lines.append("")
+    return lines
+
+
+def cross_n_table(res: dict, prefix: str, trained: tuple, key: str) -> list[str]:
+    """Rows: trained N; columns: evaluation N; cells: mean over seeds."""
+    lines = [f"| trained N \\ eval N | {' | '.join(str(n) for n in range(1, 5))} |", "|---|" + "---|" * 4]
+    for n in trained:
+        got = [res[k] for k in (f"{prefix}-n{n}-s{s}" for s in SEEDS) if k in res]
+        if got:
+            cells = [fmt(np.mean([g["eval"][m][key] for g in got])) for m in range(1, 5)]
+            lines.append(f"| {n} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
+def depo_tables(res: dict) -> list[str]:
+    lines = [f"### Depo: accuracy per k at the trained N (chance, uniform over the cycle: {fmt(depo_chance())})", "",
+             "| N | seed | " + " | ".join(f"k={k}" for k in DEPO_KS) + " | all k | train wall time (s) |",
+             "|---|---|" + "---|" * (len(DEPO_KS) + 2)]
+    for n in DEPO_PASSES:
+        for s in SEEDS:
+            r = res.get(f"depo-n{n}-s{s}")
+            if r:
+                e = r["eval"][n]
+                lines.append(f"| {n} | {s} | " + " | ".join(fmt(e[f"acc_k{k}"]) for k in DEPO_KS)
+                             + f" | {fmt(e['acc'])} | {r['wall_s']:.0f} |")
+    return lines + [""]
+
+
+def commands(res: dict, root: str) -> list[str]:
+    lines = ["```"]
+    for name, r in res.items():
+        lines += [command(r["run"].train_argv(root)), command(r["run"].eval_argv(root))]
+    return lines + ["```"]
+
+
+def plots(res: dict, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    colors = {1: "tab:gray", 2: "tab:blue", 3: "tab:orange", 4: "tab:red"}
+    written = []
+
+    def curves(x_key: str, fname: str, xlabel: str):
+        fig, axes = plt.subplots(1, len(RULE110_DEPTHS), figsize=(5.5 * len(RULE110_DEPTHS), 4), squeeze=False)
+        for ax, t in zip(axes[0], RULE110_DEPTHS):
+            for n in RULE110_PASSES:
+                for s in SEEDS:
+                    for suffix, style in (("", "-"), ("-long", ":")):
+                        r = res.get(f"rule110-t{t}-n{n}{suffix}-s{s}")
+                        if r:
+                            c = r["curve"]
+                            label = f"N={n}{' (long)' if suffix else ''}" if s == SEEDS[0] else None
+                            ax.plot([p[x_key] for p in c], [p["eval_exact"] for p in c], style, color=colors[n],
+                                    marker="o", ms=3, label=label, alpha=0.9 if s == SEEDS[0] else 0.5)
+                            ax.axhline(c[-1]["eval_majority_exact"], color="k", ls="--", lw=0.8)
+            ax.set(title=f"Rule 110, t={t} (dashed: majority baseline)", xlabel=xlabel, ylabel="exact accuracy")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(out / fname)
+
+    curves("step", "rule110_curves.png", "training step (both seeds drawn)")
+    curves("elapsed", "rule110_walltime.png", "training wall time, s (1 thread)")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for t in RULE110_DEPTHS:
+        means = [np.mean([res[k]["eval"][n]["exact"] for k in (f"rule110-t{t}-n{n}-s{s}" for s in SEEDS)
+                          if k in res] or [np.nan]) for n in RULE110_PASSES]
+        ax.plot(RULE110_PASSES, means, marker="o", label=f"t={t}")
+    ax.set(xlabel="sleep passes N (trained and evaluated)", ylabel="exact accuracy (mean of seeds)",
+           title="Rule 110: accuracy vs N at equal steps", xticks=RULE110_PASSES)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rule110_acc_vs_n.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "rule110_acc_vs_n.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for n in DEPO_PASSES:
+        got = [res[k] for k in (f"depo-n{n}-s{s}" for s in SEEDS) if k in res]
+        if got:
+            ax.plot(DEPO_KS, [np.mean([g["eval"][n][f"acc_k{k}"] for g in got]) for k in DEPO_KS], marker="o",
+                    color=colors[n], label=f"N={n}")
+    ax.axhline(depo_chance(), color="k", ls="--", lw=0.8, label="chance")
+    ax.set(xscale="log", xticks=DEPO_KS, xticklabels=[str(k) for k in DEPO_KS], xlabel="hops k",
+           ylabel="accuracy (mean of seeds)", title="Depo (cycles of 5-7 nodes)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "depo_per_k.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "depo_per_k.png")
+    return written
+
+
+def main(args=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
+    p.add_argument("--root", default=ROOT, help=f"the runs (default {ROOT})")
+    p.add_argument("--tables", default=str(TABLES), help=f"tables.md and summary.json go here (default {TABLES})")
+    p.add_argument("--plots", default=str(PLOTS), help=f"PNG plots go here (default {PLOTS})")
+    a = p.parse_args(args)
+    res = load(a.root)
+    if not res:
+        print(f"error: no finished runs under {a.root}; run `python -m experiments.run` first", file=sys.stderr)
+        return 1
+    lines = rule110_tables(res)
+    for t in RULE110_DEPTHS:
+        lines += [f"### Rule 110, t = {t}: exact accuracy when evaluated at another N (mean of seeds)", ""]
+        lines += cross_n_table(res, f"rule110-t{t}", RULE110_PASSES, "exact")
+    lines += depo_tables(res)
+    lines += ["### Depo: overall accuracy when evaluated at another N (mean of seeds)", ""]
+    lines += cross_n_table(res, "depo", DEPO_PASSES, "acc")
+    lines += ["### Commands", ""] + commands(res, a.root)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    tables = Path(a.tables)
+    tables.mkdir(parents=True, exist_ok=True)
+    (tables / "tables.md").write_text(text)
+    summary = {name: {"command": command(r["run"].train_argv(a.root)), "wall_s": r["wall_s"], "curve": r["curve"],
+                      "eval": list(r["eval"].values())} for name, r in res.items()}
+    (tables / "summary.json").write_text(json.dumps(summary, indent=1))
+    for path in plots(res, Path(a.plots)):
+        print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
