@@ -28,8 +28,12 @@ DEPO_ARGS = {"max_nodes": 7, "min_nodes": 5, "pool": 14, "context": 64, "window"
 DEPO_STEPS = 800
 DEPO_PASSES = (1, 2, 4)
 SEEDS = (0, 1)
-# N = 1 trained for as long as N = 4 takes (wall time): ~3.4x the steps on this CPU (docs/RESULTS.md)
+# N = 1 trained for as long as N = 4 takes (wall time): ~3.4x the steps on this CPU (docs/RESULTS.md),
+# at the depth where N = 1 is behind at equal steps (at t = 1 it reaches 1.0 in 400 steps)
 EQUAL_TIME_STEPS = 1360
+EQUAL_TIME_DEPTHS = (2,)
+# one depth further, N = 1 vs 4 only, run last if there is time
+EXTRA_DEPTH, EXTRA_PASSES = 3, (1, 4)
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,11 @@ def runs() -> list[Run]:
     for seed in SEEDS:
         out += [Run(f"depo-n{n}-s{seed}", "depo", n, seed, DEPO_STEPS, dict(DEPO_ARGS)) for n in DEPO_PASSES]
     for seed in SEEDS:
-        for t in RULE110_DEPTHS:
+        for t in EQUAL_TIME_DEPTHS:
             out.append(Run(f"rule110-t{t}-n1-long-s{seed}", "rule110", 1, seed, EQUAL_TIME_STEPS, {"steps": t}))
+    for seed in SEEDS:
+        out += [Run(f"rule110-t{EXTRA_DEPTH}-n{n}-s{seed}", "rule110", n, seed, RULE110_STEPS, {"steps": EXTRA_DEPTH})
+                for n in EXTRA_PASSES]
     return out
 
 

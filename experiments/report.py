@@ -113,7 +113,7 @@ def depo_tables(res: dict) -> list[str]:
 
 def commands(res: dict, root: str) -> list[str]:
     lines = ["```"]
-    for name, r in res.items():
+    for r in res.values():
         lines += [command(r["run"].train_argv(root)), command(r["run"].eval_argv(root))]
     return lines + ["```"]
 
