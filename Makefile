@@ -17,7 +17,7 @@ else
   EXTRAS    := torch,mlx,plot,dev
 endif
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow experiments lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
+
+# docs/RESULTS.md: the whole grid of experiments/grid.py (about 2 hours on 2 cores), then its tables/plots
+experiments: $(STAMP)
+	$(PY) -m experiments.run --jobs 2
+	$(PY) -m experiments.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
