@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from common.training import read_metrics
-from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, RULE110_DEPTHS, RULE110_PASSES, SEEDS, command,
-                              runs)
+from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, EXTRA_DEPTH, RULE110_DEPTHS, RULE110_PASSES, SEEDS,
+                              command, runs)
 
 ROOT = "runs/experiments"
 TABLES = Path("experiments/results")
 PLOTS = Path("docs/results")
 DEPO_KS = (1, 2, 4, 8, 16)
+DEPTHS = (*RULE110_DEPTHS, EXTRA_DEPTH)
 
 
 def load(root: str) -> dict:
@@ -58,7 +59,7 @@ def mean_sd(values: list[float]) -> str:
 
 def rule110_tables(res: dict) -> list[str]:
     lines = []
-    for t in RULE110_DEPTHS:
+    for t in DEPTHS:
         lines += [f"### Rule 110, t = {t}: final evaluation ({EVAL_N} examples, at the trained N)",
                   "", "| N | seed | exact | per answer | majority exact | train wall time (s) | s/step |",
                   "|---|---|---|---|---|---|---|"]
@@ -80,8 +81,9 @@ def rule110_tables(res: dict) -> list[str]:
                   "| N | exact | per answer |", "|---|---|---|"]
         for n in RULE110_PASSES:
             got = [res[k] for k in (f"rule110-t{t}-n{n}-s{s}" for s in SEEDS) if k in res]
-            lines.append(f"| {n} | {mean_sd([g['eval'][n]['exact'] for g in got])} | "
-                         f"{mean_sd([g['eval'][n]['per_answer'] for g in got])} |")
+            if got:
+                lines.append(f"| {n} | {mean_sd([g['eval'][n]['exact'] for g in got])} | "
+                             f"{mean_sd([g['eval'][n]['per_answer'] for g in got])} |")
         lines.append("")
     return lines
 
@@ -131,22 +133,29 @@ def plots(res: dict, out: Path) -> list[Path]:
     written = []
 
     def curves(x_key: str, fname: str, xlabel: str):
-        fig, axes = plt.subplots(1, len(RULE110_DEPTHS), figsize=(5.5 * len(RULE110_DEPTHS), 4), squeeze=False)
-        for ax, t in zip(axes[0], RULE110_DEPTHS):
-            for n in RULE110_PASSES:
-                for s in SEEDS:
-                    for suffix, style in (("", "-"), ("-long", ":")):
-                        r = res.get(f"rule110-t{t}-n{n}{suffix}-s{s}")
-                        if r:
+        depths = [t for t in DEPTHS if any(name.startswith(f"rule110-t{t}-") for name in res)]
+        fig, axes = plt.subplots(2, len(depths), figsize=(5 * len(depths), 7.5), squeeze=False)
+        for col, t in enumerate(depths):
+            for row, (metric, ylabel) in enumerate((("exact", "exact accuracy (4 answers)"),
+                                                    ("per_answer", "per-answer accuracy"))):
+                ax = axes[row, col]
+                for n in RULE110_PASSES:
+                    for s in SEEDS:
+                        for suffix, style in (("", "-"), ("-long", ":")):
+                            r = res.get(f"rule110-t{t}-n{n}{suffix}-s{s}")
+                            if not r:
+                                continue
                             c = r["curve"]
                             label = f"N={n}{' (long)' if suffix else ''}" if s == SEEDS[0] else None
-                            ax.plot([p[x_key] for p in c], [p["eval_exact"] for p in c], style, color=colors[n],
+                            ax.plot([p[x_key] for p in c], [p[f"eval_{metric}"] for p in c], style, color=colors[n],
                                     marker="o", ms=3, label=label, alpha=0.9 if s == SEEDS[0] else 0.5)
-                            ax.axhline(c[-1]["eval_majority_exact"], color="k", ls="--", lw=0.8)
-            ax.set(title=f"Rule 110, t={t} (dashed: majority baseline)", xlabel=xlabel, ylabel="exact accuracy")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+                            if metric == "exact":
+                                ax.axhline(c[-1]["eval_majority_exact"], color="k", ls="--", lw=0.8)
+                title = f"Rule 110, t={t}" + (" (dashed: majority baseline)" if metric == "exact" else "")
+                ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+                ax.grid(alpha=0.3)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -156,7 +165,7 @@ def plots(res: dict, out: Path) -> list[Path]:
     curves("elapsed", "rule110_walltime.png", "training wall time, s (1 thread)")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for t in RULE110_DEPTHS:
+    for t in DEPTHS:
         means = [np.mean([res[k]["eval"][n]["exact"] for k in (f"rule110-t{t}-n{n}-s{s}" for s in SEEDS)
                           if k in res] or [np.nan]) for n in RULE110_PASSES]
         ax.plot(RULE110_PASSES, means, marker="o", label=f"t={t}")
@@ -198,7 +207,7 @@ def main(args=None) -> int:
         print(f"error: no finished runs under {a.root}; run `python -m experiments.run` first", file=sys.stderr)
         return 1
     lines = rule110_tables(res)
-    for t in RULE110_DEPTHS:
+    for t in DEPTHS:
         lines += [f"### Rule 110, t = {t}: exact accuracy when evaluated at another N (mean of seeds)", ""]
         lines += cross_n_table(res, f"rule110-t{t}", RULE110_PASSES, "exact")
     lines += depo_tables(res)
