@@ -35,7 +35,7 @@ def load(root: str) -> dict:
         records = read_metrics(folder / "metrics.jsonl")
         curve = [{k: v for k, v in rec.items() if k in ("step", "elapsed") or k.startswith("eval_")}
                  for rec in records if any(k.startswith("eval_") for k in rec)]
-        rows = json.loads((folder / "eval.json").read_text())
+        rows = json.loads((folder / "eval.json").read_text())["results"]  # `lmsleep eval --json FILE`
         out[r.name] = {"run": r, "curve": curve, "wall_s": records[-1]["elapsed"],
                        "eval": {row["passes"]: row for row in rows}}
     return out

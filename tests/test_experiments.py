@@ -38,7 +38,7 @@ def fake_run(root, name, steps, wall, evals):
                                                                           if k not in ("passes", "trained_passes")}}
                for s in (steps // 2, steps)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "eval.json").write_text(json.dumps(evals))
+    (folder / "eval.json").write_text(json.dumps({"results": evals}))  # as `lmsleep eval --json FILE` writes it
 
 
 def rule_row(passes, trained, exact):
