@@ -77,17 +77,22 @@ def config_document(config: ModelConfig, tokenizer: dict | None = None, **extra)
     return doc
 
 
+def read_json_file(path: Path, missing: str):
+    """The parsed JSON at `path`; CheckpointError "PATH: missing (<missing>)" or "PATH: not valid JSON"."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing ({missing})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """Read and validate a folder's config.json -> (ModelConfig, the whole document)."""
     path = Path(folder) / CONFIG_FILE
     if not Path(folder).is_dir():
         raise CheckpointError(f"{folder}: not a model folder (no such directory)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not an lm-sleep model folder)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    doc = read_json_file(path, "not an lm-sleep model folder")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format is {doc.get('format') if isinstance(doc, dict) else None!r}, "
                               f"expected {FORMAT!r}")

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from common.checkpoint import CheckpointError, atomic_file
+from common.checkpoint import CheckpointError, atomic_file, read_json_file
 from common.config import PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, parse_override, split_overrides
 
 # --- files of a run (out_dir/...) -----------------------------------------------------------------
@@ -235,12 +235,7 @@ def write_trainer_state(folder: str | os.PathLike, doc: dict) -> None:
 def read_trainer_state(folder: str | os.PathLike, backend: str) -> dict:
     """Read checkpoint/trainer_state.json; a checkpoint of the other backend raises ValueError."""
     path = Path(folder) / TRAINER_STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (no training checkpoint to resume from)")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    doc = read_json_file(path, "no training checkpoint to resume from")
     if not isinstance(doc, dict) or doc.get("format") != TRAINER_FORMAT:
         raise CheckpointError(f"{path}: not an lm-sleep trainer state")
     if doc.get("format_version") != TRAINER_FORMAT_VERSION:

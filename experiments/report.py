@@ -132,6 +132,15 @@ def plots(res: dict, out: Path) -> list[Path]:
     colors = {1: "tab:gray", 2: "tab:blue", 3: "tab:orange", 4: "tab:red"}
     written = []
 
+    def finish(fig, ax, path: Path):
+        if ax is not None:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
     def curves(x_key: str, fname: str, xlabel: str):
         depths = [t for t in DEPTHS if any(name.startswith(f"rule110-t{t}-") for name in res)]
         fig, axes = plt.subplots(2, len(depths), figsize=(5 * len(depths), 7.5), squeeze=False)
@@ -156,10 +165,7 @@ def plots(res: dict, out: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        written.append(out / fname)
+        finish(fig, None, out / fname)
 
     curves("step", "rule110_curves.png", "training step (both seeds drawn)")
     curves("elapsed", "rule110_walltime.png", "training wall time, s (1 thread)")
@@ -171,12 +177,7 @@ def plots(res: dict, out: Path) -> list[Path]:
         ax.plot(RULE110_PASSES, means, marker="o", label=f"t={t}")
     ax.set(xlabel="sleep passes N (trained and evaluated)", ylabel="exact accuracy (mean of seeds)",
            title="Rule 110: accuracy vs N at equal steps", xticks=RULE110_PASSES)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "rule110_acc_vs_n.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "rule110_acc_vs_n.png")
+    finish(fig, ax, out / "rule110_acc_vs_n.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for n in DEPO_PASSES:
@@ -187,12 +188,7 @@ def plots(res: dict, out: Path) -> list[Path]:
     ax.axhline(depo_chance(), color="k", ls="--", lw=0.8, label="chance")
     ax.set(xscale="log", xticks=DEPO_KS, xticklabels=[str(k) for k in DEPO_KS], xlabel="hops k",
            ylabel="accuracy (mean of seeds)", title="Depo (cycles of 5-7 nodes)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "depo_per_k.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "depo_per_k.png")
+    finish(fig, ax, out / "depo_per_k.png")
     return written
 
 
