@@ -32,6 +32,8 @@ SEEDS = (0, 1)
 # at the depth where N = 1 is behind at equal steps (at t = 1 it reaches 1.0 in 400 steps)
 EQUAL_TIME_STEPS = 1360
 EQUAL_TIME_DEPTHS = (2,)
+# the Muon lr check of N = 1 at t = 2 (the preset's 1e-2 was tuned on N = 1 at t = 0): x0.3 and x3
+LR_SWEEP = (3e-3, 3e-2)
 # one depth further, N = 1 vs 4 only, run last if there is time
 EXTRA_DEPTH, EXTRA_PASSES = 3, (1, 4)
 
@@ -44,12 +46,13 @@ class Run:
     seed: int
     steps: int
     task_args: dict = field(default_factory=dict)
+    sets: dict = field(default_factory=dict)  # extra TrainConfig/ModelConfig overrides (the lr sweep)
 
     def train_argv(self, root: str) -> list[str]:
         argv = ["train", "--task", self.task, "--preset", PRESET]
         for key, value in self.task_args.items():
             argv += ["--task-arg", f"{key}={value}"]
-        for key, value in {**COMMON_SETS, "seed": self.seed, "eval_interval": self.steps // 8}.items():
+        for key, value in {**COMMON_SETS, "seed": self.seed, "eval_interval": self.steps // 8, **self.sets}.items():
             argv += ["--set", f"{key}={value}"]
         return argv + ["--passes", str(self.passes), "--steps", str(self.steps), "--out", f"{root}/{self.name}",
                        "--quiet"]
@@ -73,6 +76,8 @@ def runs() -> list[Run]:
     for seed in SEEDS:
         for t in EQUAL_TIME_DEPTHS:
             out.append(Run(f"rule110-t{t}-n1-long-s{seed}", "rule110", 1, seed, EQUAL_TIME_STEPS, {"steps": t}))
+    out += [Run(f"rule110-t2-n1-lr{lr:g}-s0", "rule110", 1, 0, RULE110_STEPS, {"steps": 2},
+                {"muon_lr": lr, "adamw_lr": round(lr / 10, 6)}) for lr in LR_SWEEP]
     for seed in SEEDS:
         out += [Run(f"rule110-t{EXTRA_DEPTH}-n{n}-s{seed}", "rule110", n, seed, RULE110_STEPS, {"steps": EXTRA_DEPTH})
                 for n in EXTRA_PASSES]

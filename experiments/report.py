@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from common.training import read_metrics
-from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, EXTRA_DEPTH, RULE110_DEPTHS, RULE110_PASSES, SEEDS,
-                              command, runs)
+from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, EXTRA_DEPTH, LR_SWEEP, RULE110_DEPTHS, RULE110_PASSES,
+                              SEEDS, command, runs)
 
 ROOT = "runs/experiments"
 TABLES = Path("experiments/results")
@@ -96,6 +96,17 @@ def cross_n_table(res: dict, prefix: str, trained: tuple, key: str) -> list[str]
         if got:
             cells = [fmt(np.mean([g["eval"][m][key] for g in got])) for m in range(1, 5)]
             lines.append(f"| {n} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
+def lr_table(res: dict) -> list[str]:
+    rows = [(1e-2, res.get("rule110-t2-n1-s0"))] + [(lr, res.get(f"rule110-t2-n1-lr{lr:g}-s0")) for lr in LR_SWEEP]
+    lines = ["### Rule 110, t = 2, N = 1, seed 0: Muon lr (AdamW lr = Muon lr / 10)", "",
+             "| Muon lr | exact | per answer | majority exact |", "|---|---|---|---|"]
+    for lr, r in sorted(rows, key=lambda x: x[0]):
+        if r:
+            e = r["eval"][1]
+            lines.append(f"| {lr:g} | {fmt(e['exact'])} | {fmt(e['per_answer'])} | {fmt(e['majority_exact'])} |")
     return lines + [""]
 
 
@@ -206,6 +217,7 @@ def main(args=None) -> int:
     for t in DEPTHS:
         lines += [f"### Rule 110, t = {t}: exact accuracy when evaluated at another N (mean of seeds)", ""]
         lines += cross_n_table(res, f"rule110-t{t}", RULE110_PASSES, "exact")
+    lines += lr_table(res)
     lines += depo_tables(res)
     lines += ["### Depo: overall accuracy when evaluated at another N (mean of seeds)", ""]
     lines += cross_n_table(res, "depo", DEPO_PASSES, "acc")
