@@ -47,9 +47,11 @@ def run_demo(out: str = "runs/demo", *, passes=(1, 4), steps: int = 200, batch_s
         click.echo(f"plot: {plot}")
     (Path(out) / "demo.json").write_text(json.dumps(rows, indent=2))
     best = Path(out) / f"n{passes[-1]}" / tr.MODEL_DIR
-    click.echo(f"\nNext:\n  .venv/bin/lmsleep eval {best} --passes 1 --passes 2 --passes 4\n"
+    click.echo(f"\nNext:\n  .venv/bin/lmsleep eval {best} --passes 1 --passes 2 --passes 4   # the same model at other N\n"
+               f"  .venv/bin/lmsleep chat {best} --max-tokens 4    # type 24-bit states; it sleeps every window\n"
                f"  .venv/bin/lmsleep generate {best} --prompt 011010011101001110100101 --max-tokens 24\n"
-               f"  .venv/bin/lmsleep convert {best} {out}/n{passes[-1]}-mlx --to mlx    # then chat on a Mac")
+               f"  .venv/bin/lmsleep convert {best} {out}/n{passes[-1]}-mlx --to mlx    # then chat on a Mac\n"
+               f"The full experiments (2 seeds, t = 1..3, Depo): docs/RESULTS.md, `make experiments`.")
     return rows
 
 

@@ -171,4 +171,5 @@ def test_demo_trains_both_n_and_prints_the_table(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert [r["N"] for r in rows] == [1, 4] and all(0 <= r["exact"] <= 1 for r in rows)
-    assert "majority_exact" in result.output and "lmsleep convert" in result.output
+    assert "majority_exact" in result.output and "wall_s" in result.output
+    assert "lmsleep chat" in result.output and "lmsleep convert" in result.output
