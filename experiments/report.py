@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from common.training import read_metrics
-from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, EXTRA_DEPTH, LR_SWEEP, RULE110_DEPTHS, RULE110_PASSES,
-                              SEEDS, command, runs)
+from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, LONG_DEPTH, LONG_PASSES, LONG_STEPS, LR_SWEEP,
+                              RULE110_DEPTHS, RULE110_PASSES, RULE110_STEPS, SEEDS, command, runs)
 
 ROOT = "runs/experiments"
 TABLES = Path("experiments/results")
 PLOTS = Path("docs/results")
 DEPO_KS = (1, 2, 4, 8, 16)
-DEPTHS = (*RULE110_DEPTHS, EXTRA_DEPTH)
 
 
 def load(root: str) -> dict:
@@ -57,28 +56,24 @@ def mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else fmt(values[0])
 
 
+def run_row(label, seed, r, n) -> str:
+    e = r["eval"][n]
+    return (f"| {label} | {seed} | {fmt(e['exact'])} | {fmt(e['per_answer'])} | {fmt(e['majority_exact'])} | "
+            f"{r['wall_s']:.0f} | {r['wall_s'] / r['run'].steps:.2f} |")
+
+
+ROW_HEAD = ["| N | seed | exact | per answer | majority exact | train wall time (s) | s/step |",
+            "|---|---|---|---|---|---|---|"]
+
+
 def rule110_tables(res: dict) -> list[str]:
     lines = []
-    for t in DEPTHS:
-        lines += [f"### Rule 110, t = {t}: final evaluation ({EVAL_N} examples, at the trained N)",
-                  "", "| N | seed | exact | per answer | majority exact | train wall time (s) | s/step |",
-                  "|---|---|---|---|---|---|---|"]
-        for n in RULE110_PASSES:
-            for s in SEEDS:
-                r = res.get(f"rule110-t{t}-n{n}-s{s}")
-                if r:
-                    e = r["eval"][n]
-                    lines.append(f"| {n} | {s} | {fmt(e['exact'])} | {fmt(e['per_answer'])} | "
-                                 f"{fmt(e['majority_exact'])} | {r['wall_s']:.0f} | "
-                                 f"{r['wall_s'] / r['run'].steps:.2f} |")
-        for s in SEEDS:
-            r = res.get(f"rule110-t{t}-n1-long-s{s}")
-            if r:
-                e = r["eval"][1]
-                lines.append(f"| 1 ({r['run'].steps} steps) | {s} | {fmt(e['exact'])} | {fmt(e['per_answer'])} | "
-                             f"{fmt(e['majority_exact'])} | {r['wall_s']:.0f} | {r['wall_s'] / r['run'].steps:.2f} |")
-        lines += ["", f"Mean ± sd over seeds {list(SEEDS)}, exact accuracy:", "",
-                  "| N | exact | per answer |", "|---|---|---|"]
+    for t in RULE110_DEPTHS:
+        title = f"### Rule 110, t = {t}, {RULE110_STEPS} steps: final evaluation ({EVAL_N} examples, at the trained N)"
+        lines += [title, "", *ROW_HEAD]
+        lines += [run_row(n, s, res[f"rule110-t{t}-n{n}-s{s}"], n) for n in RULE110_PASSES for s in SEEDS
+                  if f"rule110-t{t}-n{n}-s{s}" in res]
+        lines += ["", f"Mean ± sd over seeds {list(SEEDS)}:", "", "| N | exact | per answer |", "|---|---|---|"]
         for n in RULE110_PASSES:
             got = [res[k] for k in (f"rule110-t{t}-n{n}-s{s}" for s in SEEDS) if k in res]
             if got:
@@ -86,6 +81,40 @@ def rule110_tables(res: dict) -> list[str]:
                              f"{mean_sd([g['eval'][n]['per_answer'] for g in got])} |")
         lines.append("")
     return lines
+
+
+def at_time(r: dict, seconds: float) -> dict | None:
+    """The last in-training evaluation of run r at or before `seconds` of training."""
+    before = [p for p in r["curve"] if p["elapsed"] <= seconds]
+    return before[-1] if before else None
+
+
+def at_text(point: dict | None) -> str:
+    return f"{fmt(point['eval_exact'])} (step {point['step']})" if point else "-"
+
+
+def long_tables(res: dict) -> list[str]:
+    t = LONG_DEPTH
+    lines = [f"### Rule 110, t = {t}, {LONG_STEPS} steps: final evaluation ({EVAL_N} examples)", "", *ROW_HEAD]
+    for n in LONG_PASSES:
+        lines += [run_row(n, s, res[f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}"], n) for s in SEEDS
+                  if f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}" in res]
+    eq = res.get(f"rule110-t{t}-n1-long-s0")
+    if eq:
+        lines.append(run_row(f"1 ({eq['run'].steps} steps)", 0, eq, 1))
+    lines += ["", "Equal wall time (in-training evaluations, 256 examples; the nearest one at or before the time):", "",
+              ("| seed | N = 4 at its end | its wall time (s) | N = 1 at that time | N = 1 at its end "
+               f"({LONG_STEPS} steps) | its wall time (s) | N = 4 at that time |"), "|---|---|---|---|---|---|---|"]
+    for s in SEEDS:
+        n4, n1 = (res.get(f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}") for n in (4, 1))
+        if not (n4 and n1):
+            continue
+        long1 = res.get(f"rule110-t{t}-n1-long-s{s}")
+        n1_then = at_time(long1, n4["wall_s"]) if long1 else None
+        n4_then = at_time(n4, n1["wall_s"])
+        lines.append(f"| {s} | {fmt(n4['curve'][-1]['eval_exact'])} | {n4['wall_s']:.0f} | {at_text(n1_then)} | "
+                     f"{fmt(n1['curve'][-1]['eval_exact'])} | {n1['wall_s']:.0f} | {at_text(n4_then)} |")
+    return lines + [""]
 
 
 def cross_n_table(res: dict, prefix: str, trained: tuple, key: str) -> list[str]:
@@ -153,7 +182,7 @@ def plots(res: dict, out: Path) -> list[Path]:
         written.append(path)
 
     def curves(x_key: str, fname: str, xlabel: str):
-        depths = [t for t in DEPTHS if any(name.startswith(f"rule110-t{t}-") for name in res)]
+        depths = [t for t in RULE110_DEPTHS if any(name.startswith(f"rule110-t{t}-") for name in res)]
         fig, axes = plt.subplots(2, len(depths), figsize=(5 * len(depths), 7.5), squeeze=False)
         for col, t in enumerate(depths):
             for row, (metric, ylabel) in enumerate((("exact", "exact accuracy (4 answers)"),
@@ -161,12 +190,12 @@ def plots(res: dict, out: Path) -> list[Path]:
                 ax = axes[row, col]
                 for n in RULE110_PASSES:
                     for s in SEEDS:
-                        for suffix, style in (("", "-"), ("-long", ":")):
+                        for suffix, style in (("", "-"), (f"-{LONG_STEPS}steps", "--"), ("-long", ":")):
                             r = res.get(f"rule110-t{t}-n{n}{suffix}-s{s}")
                             if not r:
                                 continue
                             c = r["curve"]
-                            label = f"N={n}{' (long)' if suffix else ''}" if s == SEEDS[0] else None
+                            label = f"N={n}, {r['run'].steps} steps" if s == SEEDS[0] else None
                             ax.plot([p[x_key] for p in c], [p[f"eval_{metric}"] for p in c], style, color=colors[n],
                                     marker="o", ms=3, label=label, alpha=0.9 if s == SEEDS[0] else 0.5)
                             if metric == "exact":
@@ -182,7 +211,7 @@ def plots(res: dict, out: Path) -> list[Path]:
     curves("elapsed", "rule110_walltime.png", "training wall time, s (1 thread)")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for t in DEPTHS:
+    for t in RULE110_DEPTHS:
         means = [np.mean([res[k]["eval"][n]["exact"] for k in (f"rule110-t{t}-n{n}-s{s}" for s in SEEDS)
                           if k in res] or [np.nan]) for n in RULE110_PASSES]
         ax.plot(RULE110_PASSES, means, marker="o", label=f"t={t}")
@@ -213,8 +242,8 @@ def main(args=None) -> int:
     if not res:
         print(f"error: no finished runs under {a.root}; run `python -m experiments.run` first", file=sys.stderr)
         return 1
-    lines = rule110_tables(res)
-    for t in DEPTHS:
+    lines = rule110_tables(res) + long_tables(res)
+    for t in RULE110_DEPTHS:
         lines += [f"### Rule 110, t = {t}: exact accuracy when evaluated at another N (mean of seeds)", ""]
         lines += cross_n_table(res, f"rule110-t{t}", RULE110_PASSES, "exact")
     lines += lr_table(res)

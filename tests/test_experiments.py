@@ -54,6 +54,9 @@ def test_report_tables_and_plots(tmp_path):
     depo = [{"passes": m, "trained_passes": 2, "acc": 0.4, **{f"acc_k{k}": 0.1 * m + k / 100 for k in range(1, 17)}}
             for m in range(1, 5)]
     fake_run(root, "depo-n2-s0", 800, 300.0, depo)
+    fake_run(root, "rule110-t2-n4-1200steps-s0", 1200, 1400.0, [rule_row(m, 4, 0.2) for m in range(1, 5)])
+    fake_run(root, "rule110-t2-n1-1200steps-s0", 1200, 400.0, [rule_row(m, 1, 0.1) for m in range(1, 5)])
+    fake_run(root, "rule110-t2-n1-long-s0", 4400, 1500.0, [rule_row(m, 1, 0.1) for m in range(1, 5)])
     (root / "rule110-t2-n1-s0").mkdir()  # unfinished: no eval.json, left out
     tables, plots = tmp_path / "tables", tmp_path / "plots"
     assert report.main(["--root", str(root), "--tables", str(tables), "--plots", str(plots)]) == 0
@@ -62,9 +65,13 @@ def test_report_tables_and_plots(tmp_path):
     assert "| 4 | 0 | 0.800 |" in text  # N = 4 scored at its trained N
     assert "| 4 | 0.200 | 0.400 | 0.600 | 0.800 |" in text  # cross-N row of the N = 4 model
     assert "| 2 | 0 | 0.210 | 0.220 | 0.240 | 0.280 | 0.360 | 0.400 | 300 |" in text  # depo per k at N = 2
+    # equal wall time: N = 1 (long run) at N = 4's 1400 s is its step-2200 evaluation; N = 4 has none by 400 s
+    assert "| 0 | 0.200 | 1400 | 0.100 (step 2200) | 0.100 | 400 | - |" in text
+    assert "| 1 (4400 steps) | 0 | 0.100 |" in text
     assert "rule110-t2-n1-s0" not in text and "--out runs/experiments/rule110-t1-n4-s0" not in text
     summary = json.loads((tables / "summary.json").read_text())
-    assert sorted(summary) == ["depo-n2-s0", "rule110-t1-n1-s0", "rule110-t1-n1-s1", "rule110-t1-n4-s0"]
+    assert sorted(summary) == ["depo-n2-s0", "rule110-t1-n1-s0", "rule110-t1-n1-s1", "rule110-t1-n4-s0",
+                               "rule110-t2-n1-1200steps-s0", "rule110-t2-n1-long-s0", "rule110-t2-n4-1200steps-s0"]
     assert summary["rule110-t1-n4-s0"]["wall_s"] == 380.0
     pytest.importorskip("matplotlib")
     assert {p.name for p in plots.iterdir()} == {"rule110_curves.png", "rule110_walltime.png",
