@@ -232,11 +232,25 @@ def plots(res: dict, out: Path) -> list[Path]:
     return written
 
 
+BEGIN, END = "<!-- BEGIN experiments.report -->", "<!-- END experiments.report -->"
+
+
+def splice(path: Path, text: str) -> None:
+    """Replace what stands between the BEGIN and END marker lines of `path` by `text`."""
+    doc = path.read_text()
+    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
+        raise SystemExit(f"error: {path} needs one {BEGIN!r} line followed by one {END!r} line")
+    head, rest = doc.split(BEGIN)
+    path.write_text(head + BEGIN + "\n\n" + text + "\n" + END + rest.split(END)[1])
+
+
 def main(args=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
     p.add_argument("--root", default=ROOT, help=f"the runs (default {ROOT})")
     p.add_argument("--tables", default=str(TABLES), help=f"tables.md and summary.json go here (default {TABLES})")
     p.add_argument("--plots", default=str(PLOTS), help=f"PNG plots go here (default {PLOTS})")
+    p.add_argument("--into", help="also put the tables into this markdown file, between the lines "
+                                  f"{BEGIN!r} and {END!r} (docs/RESULTS.md)")
     a = p.parse_args(args)
     res = load(a.root)
     if not res:
@@ -259,6 +273,8 @@ def main(args=None) -> int:
     summary = {name: {"command": command(r["run"].train_argv(a.root)), "wall_s": r["wall_s"], "curve": r["curve"],
                       "eval": list(r["eval"].values())} for name, r in res.items()}
     (tables / "summary.json").write_text(json.dumps(summary, indent=1))
+    if a.into:
+        splice(Path(a.into), text)
     for path in plots(res, Path(a.plots)):
         print(f"plot: {path}")
     return 0

@@ -59,7 +59,12 @@ def test_report_tables_and_plots(tmp_path):
     fake_run(root, "rule110-t2-n1-long-s0", 4400, 1500.0, [rule_row(m, 1, 0.1) for m in range(1, 5)])
     (root / "rule110-t2-n1-s0").mkdir()  # unfinished: no eval.json, left out
     tables, plots = tmp_path / "tables", tmp_path / "plots"
-    assert report.main(["--root", str(root), "--tables", str(tables), "--plots", str(plots)]) == 0
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"# Results\nprose\n{report.BEGIN}\nold tables\n{report.END}\nmore prose\n")
+    assert report.main(["--root", str(root), "--tables", str(tables), "--plots", str(plots), "--into", str(doc)]) == 0
+    spliced = doc.read_text()
+    assert spliced.startswith("# Results\nprose\n") and spliced.endswith(f"{report.END}\nmore prose\n")
+    assert "old tables" not in spliced and (tables / "tables.md").read_text() in spliced
     text = (tables / "tables.md").read_text()
     assert "| 1 | 0.400 ± 0.100 |" in text  # the mean ± sd over seeds 0 and 1 of N = 1
     assert "| 4 | 0 | 0.800 |" in text  # N = 4 scored at its trained N
