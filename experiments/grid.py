@@ -31,7 +31,7 @@ SEEDS = (0, 1)
 # the Muon lr check of N = 1 at t = 2 (the preset's 1e-2 was tuned on N = 1 at t = 0): x0.3 and x3
 LR_SWEEP = (3e-3, 3e-2)
 # t = 2 leaves its loss plateau only after ~250-300 steps, so the t = 2 comparison is repeated 3x longer
-LONG_DEPTH, LONG_STEPS, LONG_PASSES = 2, 1200, (4, 1)
+LONG_DEPTH, LONG_STEPS, LONG_PASSES = 2, 1200, (4, 1, 3)
 # N = 1 trained for as long (wall time) as N = 4 takes for LONG_STEPS: 1.23 / 0.33 s per step here
 EQUAL_TIME_STEPS = 4400
 
