@@ -8,12 +8,14 @@ experiments/results/; the plots go to docs/results/ (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from common.tasks.rule110 import rule110_step
 from common.training import read_metrics
 from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, LONG_DEPTH, LONG_PASSES, LONG_STEPS, LR_SWEEP,
                               RULE110_DEPTHS, RULE110_PASSES, RULE110_STEPS, SEEDS, command, runs)
@@ -125,6 +127,36 @@ def cross_n_table(res: dict, prefix: str, trained: tuple, key: str) -> list[str]
         if got:
             cells = [fmt(np.mean([g["eval"][m][key] for g in got])) for m in range(1, 5)]
             lines.append(f"| {n} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
+def ceiling(t: int, known: tuple[int, ...]) -> float:
+    """Best per-answer accuracy of a predictor that sees only the bits at offsets `known` (from -t..t)
+    of the 2t+1 that decide a Rule 110 answer after t steps (all neighbourhoods equally likely)."""
+    offsets = range(-t, t + 1)
+    hoods = np.array(list(itertools.product([0, 1], repeat=2 * t + 1)))  # [2^(2t+1), 2t+1]
+    cells = np.zeros((len(hoods), 4 * t + 3), dtype=np.int64)  # wide enough that nothing wraps into the centre
+    for j, off in enumerate(offsets):
+        cells[:, off % cells.shape[1]] = hoods[:, j]
+    for _ in range(t):
+        cells = rule110_step(cells)
+    answer = cells[:, 0]
+    cols = [list(offsets).index(off) for off in known]
+    hits = 0
+    for key in itertools.product([0, 1], repeat=len(cols)):
+        rows = np.all(hoods[:, cols] == np.array(key, dtype=np.int64), axis=1)
+        hits += max(answer[rows].sum(), (1 - answer[rows]).sum())
+    return hits / len(hoods)
+
+
+def ceiling_table(t: int, states: int = 4) -> list[str]:
+    """For each number of known bits, the best subset: where a model that stores only those bits plateaus."""
+    title = f"### Rule 110, t = {t}: the best a model can score knowing only some of the {2 * t + 1} bits of an answer"
+    head = f"| bits known | best offsets (0 = the state's first bit, -1 = its last) | per answer | exact (^{states}) |"
+    lines = [title, "", head, "|---|---|---|---|"]
+    for k in range(2 * t + 2):
+        acc, best = max((ceiling(t, sub), sub) for sub in itertools.combinations(range(-t, t + 1), k))
+        lines.append(f"| {k} | {list(best)} | {fmt(acc)} | {fmt(acc ** states)} |")
     return lines + [""]
 
 
@@ -260,6 +292,7 @@ def main(args=None) -> int:
     for t in RULE110_DEPTHS:
         lines += [f"### Rule 110, t = {t}: exact accuracy when evaluated at another N (mean of seeds)", ""]
         lines += cross_n_table(res, f"rule110-t{t}", RULE110_PASSES, "exact")
+    lines += ceiling_table(1) + ceiling_table(2)
     lines += lr_table(res)
     lines += depo_tables(res)
     lines += ["### Depo: overall accuracy when evaluated at another N (mean of seeds)", ""]

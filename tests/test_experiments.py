@@ -86,3 +86,12 @@ def test_report_tables_and_plots(tmp_path):
 def test_report_without_runs_fails_cleanly(tmp_path, capsys):
     assert report.main(["--root", str(tmp_path), "--tables", str(tmp_path / "t"), "--plots", str(tmp_path)]) == 1
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_partial_information_ceilings():
+    """The plateaus RESULTS.md explains: what a predictor scores knowing only some of the 2t+1 bits."""
+    assert report.ceiling(1, (-1, 0, 1)) == 1.0 and report.ceiling(2, (-2, -1, 0, 1, 2)) == 1.0
+    assert report.ceiling(1, ()) == 5 / 8  # Rule 110 maps 5 of its 8 neighbourhoods to 1
+    assert report.ceiling(1, (0, 1)) == 7 / 8  # without the left neighbour: wrong only on 1,1,1 vs 0,1,1
+    assert report.ceiling(2, (0, 2)) == report.ceiling(2, (0, 1, 2)) == 23 / 32
+    assert report.ceiling(2, (-1, 0, 1, 2)) == 31 / 32
