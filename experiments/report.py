@@ -17,8 +17,8 @@ import numpy as np
 
 from common.tasks.rule110 import rule110_step
 from common.training import read_metrics
-from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, LONG_DEPTH, LONG_PASSES, LONG_STEPS, LR_SWEEP,
-                              RULE110_DEPTHS, RULE110_PASSES, RULE110_STEPS, SEEDS, command, runs)
+from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, LONG_DEPTH, LONG_PASSES, LONG_SEEDS, LONG_STEPS,
+                              LR_SWEEP, RULE110_DEPTHS, RULE110_PASSES, RULE110_STEPS, SEEDS, command, runs)
 
 ROOT = "runs/experiments"
 TABLES = Path("experiments/results")
@@ -99,15 +99,22 @@ def long_tables(res: dict) -> list[str]:
     t = LONG_DEPTH
     lines = [f"### Rule 110, t = {t}, {LONG_STEPS} steps: final evaluation ({EVAL_N} examples)", "", *ROW_HEAD]
     for n in LONG_PASSES:
-        lines += [run_row(n, s, res[f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}"], n) for s in SEEDS
+        lines += [run_row(n, s, res[f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}"], n) for s in LONG_SEEDS
                   if f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}" in res]
+    means = []
+    for n in LONG_PASSES:
+        got = [res[k]["eval"][n]["exact"] for k in (f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}" for s in LONG_SEEDS)
+               if k in res]
+        if got:
+            means.append(f"N = {n}: {mean_sd(got)} ({len(got)} seeds)")
     eq = res.get(f"rule110-t{t}-n1-long-s0")
     if eq:
         lines.append(run_row(f"1 ({eq['run'].steps} steps)", 0, eq, 1))
+    lines += ["", "Mean ± sd of exact accuracy: " + "; ".join(means) + "."]
     lines += ["", "Equal wall time (in-training evaluations, 256 examples; the nearest one at or before the time):", "",
               ("| seed | N = 4 at its end | its wall time (s) | N = 1 at that time | N = 1 at its end "
                f"({LONG_STEPS} steps) | its wall time (s) | N = 4 at that time |"), "|---|---|---|---|---|---|---|"]
-    for s in SEEDS:
+    for s in LONG_SEEDS:
         n4, n1 = (res.get(f"rule110-t{t}-n{n}-{LONG_STEPS}steps-s{s}") for n in (4, 1))
         if not (n4 and n1):
             continue
@@ -221,7 +228,7 @@ def plots(res: dict, out: Path) -> list[Path]:
                                                     ("per_answer", "per-answer accuracy"))):
                 ax = axes[row, col]
                 for n in RULE110_PASSES:
-                    for s in SEEDS:
+                    for s in LONG_SEEDS:
                         for suffix, style in (("", "-"), (f"-{LONG_STEPS}steps", "--"), ("-long", ":")):
                             r = res.get(f"rule110-t{t}-n{n}{suffix}-s{s}")
                             if not r:
