@@ -246,7 +246,7 @@ def plots(res: dict, out: Path) -> list[Path]:
                     ax.legend(fontsize=8)
         finish(fig, None, out / fname)
 
-    curves("step", "rule110_curves.png", "training step (both seeds drawn)")
+    curves("step", "rule110_curves.png", "training step (every seed; fainter: seeds 1, 2)")
     curves("elapsed", "rule110_walltime.png", "training wall time, s (1 thread)")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
