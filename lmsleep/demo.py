@@ -51,7 +51,8 @@ def run_demo(out: str = "runs/demo", *, passes=(1, 4), steps: int = 200, batch_s
                f"  .venv/bin/lmsleep chat {best} --max-tokens 4    # type 24-bit states; it sleeps every window\n"
                f"  .venv/bin/lmsleep generate {best} --prompt 011010011101001110100101 --max-tokens 24\n"
                f"  .venv/bin/lmsleep convert {best} {out}/n{passes[-1]}-mlx --to mlx    # then chat on a Mac\n"
-               f"The full experiments (2 seeds, t = 1..3, Depo): docs/RESULTS.md, `make experiments`.")
+               f"The full experiments (Rule 110 t = 1, 2 with 2-3 seeds per N, Depo): docs/RESULTS.md, "
+               f"`make experiments`.\nThey find no measurable N = 4 advantage at this scale: outcomes depend on the seed.")
     return rows
 
 
