@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.checkpoint import read_json_file
+from common.training import CHECKPOINT_DIR, TRAINER_STATE_FILE
 from experiments.grid import command, runs
 
 ROOT = "runs/experiments"
@@ -34,11 +36,18 @@ def lmsleep(argv: list[str], log: Path) -> None:
         raise RuntimeError(f"`{command(argv)}` exited {rc}; see {log}")
 
 
+def trained_steps(folder: Path) -> int:
+    """Optimizer steps in the run's last checkpoint (0 if none). The trainer refreshes model/ at every
+    checkpoint, so model/ existing does not mean the run finished."""
+    path = folder / CHECKPOINT_DIR / TRAINER_STATE_FILE
+    return int(read_json_file(path, "no checkpoint").get("step", 0)) if path.is_file() else 0
+
+
 def run_one(run, root: str) -> str:
     folder = Path(root) / run.name
     log = Path(root) / "logs" / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    if not (folder / "model").exists():
+    if trained_steps(folder) < run.steps:
         argv = run.train_argv(root)
         if (folder / "checkpoint").exists():
             argv.append("--resume")

@@ -95,3 +95,14 @@ def test_partial_information_ceilings():
     assert report.ceiling(1, (0, 1)) == 7 / 8  # without the left neighbour: wrong only on 1,1,1 vs 0,1,1
     assert report.ceiling(2, (0, 2)) == report.ceiling(2, (0, 1, 2)) == 23 / 32
     assert report.ceiling(2, (-1, 0, 1, 2)) == 31 / 32
+
+
+def test_runner_trains_until_the_checkpoint_has_every_step(tmp_path):
+    from experiments import run as runner
+
+    folder = tmp_path / "r"
+    assert runner.trained_steps(folder) == 0
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "model").mkdir()  # written at every checkpoint, so it says nothing about being finished
+    (folder / "checkpoint" / "trainer_state.json").write_text(json.dumps({"step": 300}))
+    assert runner.trained_steps(folder) == 300
