@@ -227,10 +227,7 @@ def _training_weight_files(src: Path) -> list[Path]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ckpt.CheckpointError(f"{path}: not valid JSON ({e})") from None
+    doc = ckpt.read_json_file(path, "no such file")
     if not isinstance(doc, dict):
         raise ckpt.CheckpointError(f"{path}: expected a JSON object")
     return doc
