@@ -17,7 +17,7 @@ else
   EXTRAS    := torch,mlx,plot,dev
 endif
 
-.PHONY: demo test test-slow experiments lint clean
+.PHONY: demo test test-slow experiments clean
 
 $(PY):
 	python3 -m venv $(VENV)
