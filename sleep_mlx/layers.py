@@ -131,9 +131,6 @@ class SSMMixer(nn.Module):
         self.dt_bias = mx.zeros((self.H,))
         self.o_norm = RMSNorm(self.Dv, c.norm_eps)
 
-    def conv_channels(self) -> int:
-        return 2 * self.H * self.Dk + self.H * self.Dv
-
     def __call__(self, x, state, conv_tail=None):
         """x [B, T, d]; state [B, H, Dv, Dk] float32; conv_tail [B, K-1, C] or None (= zeros).
 
