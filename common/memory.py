@@ -16,11 +16,11 @@ import numpy as np
 
 from common.checkpoint import CheckpointError, read_header, read_metadata
 from common.config import ModelConfig
+from common.sleep import CACHE_OF_KIND, State
 
 MEMORY_FORMAT = "lm-sleep-memory"
 MEMORY_VERSION = 1
-LIST_FIELDS = ("committed", "running", "conv", "past_k", "past_v", "cur_k", "cur_v")
-INT_FIELDS = ("offset", "due", "seen", "sleeps")
+INT_FIELDS = State.COUNTERS  # ("offset", "due", "seen", "sleeps")
 
 
 def fingerprint(config: ModelConfig, named_arrays: Iterable[tuple[str, np.ndarray]]) -> str:
@@ -33,13 +33,17 @@ def fingerprint(config: ModelConfig, named_arrays: Iterable[tuple[str, np.ndarra
     return h.hexdigest()
 
 
-def state_to_named(lists: dict[str, list], hidden, counters: dict[str, int], model_hash: str):
-    """State pieces -> ({name: tensor}, safetensors metadata of strings)."""
-    tensors = {f"{field}.{i}": t for field in LIST_FIELDS for i, t in enumerate(lists[field]) if t is not None}
-    tensors["hidden"] = hidden
+def state_to_named(state: State, model_hash: str):
+    """A State -> ({name: tensor}, safetensors metadata of strings).
+
+    Tensor names are `{field}.{block}` (the cache field, e.g. `past_k.0`, `committed.1`) and `hidden`;
+    empty fields (a conv tail at a window start) are left out.
+    """
+    tensors = {f"{field}.{i}": t for i, cache in enumerate(state.caches) for field, t in cache.named().items()}
+    tensors["hidden"] = state.hidden
     meta = {"format": MEMORY_FORMAT, "format_version": str(MEMORY_VERSION), "model_hash": model_hash,
-            "n_layers": str(len(lists["committed"]))}
-    meta.update({k: str(int(counters[k])) for k in INT_FIELDS})
+            "n_layers": str(len(state.caches))}
+    meta.update({k: str(int(v)) for k, v in state.counters().items()})
     return tensors, meta
 
 
@@ -59,7 +63,12 @@ def check_memory_file(path, model_hash: str) -> dict[str, int]:
     return {k: int(meta[k]) for k in INT_FIELDS} | {"n_layers": int(meta["n_layers"])}
 
 
-def named_to_lists(tensors: dict, n_layers: int) -> tuple[dict[str, list], object]:
-    """{name: tensor} -> (field -> per-block list with None gaps, hidden)."""
-    lists = {field: [tensors.get(f"{field}.{i}") for i in range(n_layers)] for field in LIST_FIELDS}
-    return lists, tensors["hidden"]
+def named_to_state(tensors: dict, layer_types: str, counters: dict[str, int]) -> State:
+    """{name: tensor} (as written by `state_to_named`) -> a State with one cache per block kind."""
+    if counters.get("n_layers", len(layer_types)) != len(layer_types):
+        raise CheckpointError(f"memory file has {counters['n_layers']} blocks, the model {len(layer_types)}")
+    caches = []
+    for i, kind in enumerate(layer_types):
+        cls = CACHE_OF_KIND[kind]
+        caches.append(cls(**{f: tensors.get(f"{f}.{i}") for f in cls.FIELDS}))
+    return State(caches=caches, hidden=tensors["hidden"], **{k: counters[k] for k in INT_FIELDS})

@@ -1,8 +1,9 @@
 """Cross-backend parity: the same weights in sleep_torch and sleep_mlx, stage by stage, in float32.
 
 Both models get a tracer (`model.tracer`, called with ("embed", 0, h), ("block", i, h) after each
-block of each wake pass, ("sleep{n}.state", i, S) after each looped SSM block of sleep pass n >= 2,
-("coda.state", i, S)) and run the same random tokens through `model(tokens)`. Each traced value is
+block of each wake pass, and (run.stage, run.block, S) after each SSM block run of a sleep, where
+the runs are common.sleep.sleep_plan's: "pass{n}" for n >= 2, "coda") and run the same random tokens
+through `model(tokens)`. Each traced value is
 one row of the report, with its max absolute error and its relative error max|mlx - torch| / max|torch|
 (torch is the reference); the final logits are the last row. Greedy generation is then compared
 step by step: both backends stream the tokens torch picks (so one near-tie cannot derail the rest),
@@ -23,7 +24,7 @@ import numpy as np
 
 @dataclasses.dataclass
 class StageError:
-    stage: str  # e.g. "window 2 block 1", "sleep 0 pass 3 state 1", "logits"
+    stage: str  # e.g. "window 2 block 1", "sleep 0 pass3 state 1", "logits"
     max_abs: float
     max_rel: float  # max_abs / max|torch|
     shape: tuple[int, ...]
@@ -72,7 +73,12 @@ class ParityReport:
 
 
 class _Recorder:
-    """A tracer that labels each call with its window / sleep and keeps the value as float64 numpy."""
+    """A tracer that labels each call with its window / sleep and keeps the value as float64 numpy.
+
+    The model calls it with ("embed", 0, h) at the start of each wake pass, ("block", i, h) after
+    each block of it, and, during a sleep, with each `common.sleep.Run`'s stage and block and the
+    state that run leaves ("pass{n}" / "coda", i, S); a sleep is labelled by the window it consolidates.
+    """
 
     def __init__(self, to_numpy):
         self.to_numpy, self.window, self.rows = to_numpy, -1, []
@@ -83,12 +89,8 @@ class _Recorder:
             label = f"window {self.window} embed"
         elif stage == "block":
             label = f"window {self.window} block {index}"
-        elif stage == "coda.state":
-            label = f"sleep {self.window} coda state {index}"
-        elif stage.startswith("sleep"):  # a sleep runs after the window just woken: label it by that window
-            label = f"sleep {self.window} pass {stage[5:].split('.')[0]} state {index}"
         else:
-            label = f"{stage} {index}"
+            label = f"sleep {self.window} {stage} state {index}"
         self.rows.append((label, self.to_numpy(value)))
 
 

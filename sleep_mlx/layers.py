@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from common.config import ModelConfig
+from common.sleep import AttentionCache, SSMCache
 from sleep_mlx import ops
 
 
@@ -54,6 +55,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, inner, bias=False)
         self.v_proj = nn.Linear(c.d_model, inner, bias=False)
         self.o_proj = nn.Linear(inner, c.d_model, bias=False)
+
+    def new_cache(self, batch_size: int) -> AttentionCache:
+        """No keys/values yet: [B, 0, H, D] each, in the weights' dtype."""
+        empty = mx.zeros((batch_size, 0, self.n_heads, self.head_dim), dtype=self.q_proj.weight.dtype)
+        return AttentionCache(past_k=empty, past_v=empty, cur_k=empty, cur_v=empty)
 
     def __call__(self, x, past_k, past_v, start: int):
         """x [B, T, d] at window positions start..start+T-1; past_k/v [B, P, H, D] just before them.
@@ -131,6 +137,11 @@ class SSMMixer(nn.Module):
         self.dt_bias = mx.zeros((self.H,))
         self.o_norm = RMSNorm(self.Dv, c.norm_eps)
 
+    def new_cache(self, batch_size: int) -> SSMCache:
+        """S_0 = 0 [B, H, Dv, Dk] in float32 (whatever the compute dtype); no conv tail yet."""
+        zero = mx.zeros((batch_size, self.H, self.Dv, self.Dk), dtype=mx.float32)
+        return SSMCache(committed=zero, running=zero, conv=None)
+
     def __call__(self, x, state, conv_tail=None):
         """x [B, T, d]; state [B, H, Dv, Dk] float32; conv_tail [B, K-1, C] or None (= zeros).
 
@@ -181,6 +192,10 @@ class Block(nn.Module):
             self.ssm = SSMMixer(config)
         self.norm2 = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
+
+    def new_cache(self, batch_size: int):
+        """This block's empty cache (common.sleep): the mixer decides its kind."""
+        return (self.attn if self.kind == "A" else self.ssm).new_cache(batch_size)
 
     def __call__(self, h, *cache):
         """cache: (past_k, past_v, start) for attention, (state, conv_tail) for SSM.

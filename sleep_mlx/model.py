@@ -1,15 +1,13 @@
 """HybridLM: the attention-SSM hybrid that sleeps (SPEC section 3), MLX mirror of sleep_torch/model.py.
 
-A token stream is cut into windows of L tokens. Each window gets one *wake* pass (its logits are
-the predictions). When a window is full, a *sleep* becomes due: starting again from the window's
-committed SSM states S_w, N passes run over the window, pass n+1 fed with pass n's output hidden
-states; the states after the last pass become S_{w+1} and the KV cache is cleared (hard) or cut to
-the last L-1 wake-pass keys/values (sliding). Pass 1 equals the wake pass, so it is reused.
+The schedule (wake, due sleep, passes, coda, eviction) and the State (one cache per block) live in
+common/sleep.py, written once for both backends; this file holds the modules and what only MLX
+needs: evaluation points, checkpointing a window through mx.checkpoint, memory-file tensors.
 
-`__call__` and `step` share one code path (`_window`): `model(tokens)` is `step` over the whole
-sequence from a fresh State, which makes "streaming equals full forward" hold by construction of
-the numbers. Internals are pure (they return a new State), which lets training checkpoint per
-window; the public `step`/`sleep` also update the State passed in.
+`__call__` and `step` share one code path: `model(tokens)` is `step` over the whole sequence from a
+fresh State, which makes "streaming equals full forward" hold by construction of the numbers. The
+schedule is pure (it returns a new State), which lets training checkpoint per window; the public
+`step`/`sleep` also update the State passed in.
 
 Laziness: `model(tokens)` (training, evaluation) builds one lazy graph and never calls mx.eval, so
 it stays differentiable and the caller decides when to evaluate. `step` evaluates the logits and
@@ -19,51 +17,18 @@ length then holds a bounded graph, and a sleep run between chat turns really run
 
 from __future__ import annotations
 
-import dataclasses
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from common import memory
+from common import sleep as schedule
 from common.checkpoint import atomic_file
 from common.config import ModelConfig
 from common.init import init_params
+from common.sleep import State
 from sleep_mlx.layers import Block, RMSNorm
-
-
-@dataclasses.dataclass
-class State:
-    """What a stream carries between calls. Lists hold one entry per block (None where unused).
-
-    Bounded however long the stream: per attention block at most 2L-1 keys/values, per SSM block
-    the committed and the running state plus a conv tail, and one window of hidden states.
-    """
-
-    committed: list  # SSM blocks: S_w, the state the current window started from [B, H, Dv, Dk] fp32
-    running: list  # SSM blocks: state after the wake pass over the window so far
-    conv: list  # SSM blocks: last K-1 conv inputs of the window so far (None at a window start)
-    past_k: list  # attention blocks: keys kept from before the window (sliding) [B, P, H, D]
-    past_v: list
-    cur_k: list  # attention blocks: wake-pass keys of the current window [B, offset, H, D]
-    cur_v: list
-    hidden: mx.array  # wake-pass hidden states at the end of the looped range [B, offset, d]
-    offset: int = 0  # tokens of the current window processed
-    due: int = 0  # passes of a full window's pending sleep (0 = none due)
-    seen: int = 0  # tokens seen in total
-    sleeps: int = 0  # sleeps done
-
-    @property
-    def batch_size(self) -> int:
-        return self.hidden.shape[0]
-
-    def tensors(self) -> list[mx.array]:
-        fields = (self.committed, self.running, self.conv, self.past_k, self.past_v, self.cur_k, self.cur_v)
-        return [t for f in fields for t in f if t is not None] + [self.hidden]
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
 
 
 class HybridLM(nn.Module):
@@ -112,14 +77,9 @@ class HybridLM(nn.Module):
         return logits
 
     def new_state(self, batch_size: int) -> State:
-        c, dtype = self.config, self.embed.weight.dtype
-        n = len(self.layers)
-        kv = [mx.zeros((batch_size, 0, c.n_heads, c.head_dim), dtype=dtype) if b.kind == "A" else None
-              for b in self.layers]
-        ssm = [mx.zeros((batch_size, c.ssm_heads, c.ssm_v_dim, c.ssm_head_dim), dtype=mx.float32)
-               if b.kind == "S" else None for b in self.layers]
-        return State(committed=ssm, running=list(ssm), conv=[None] * n, past_k=kv, past_v=list(kv),
-                     cur_k=list(kv), cur_v=list(kv), hidden=mx.zeros((batch_size, 0, c.d_model), dtype=dtype))
+        """An empty stream: one empty cache per block, no hidden states, window offset 0."""
+        hidden = mx.zeros((batch_size, 0, self.config.d_model), dtype=self.embed.weight.dtype)
+        return State(caches=[block.new_cache(batch_size) for block in self.layers], hidden=hidden)
 
     def step(self, tokens, state: State, passes: int | None = None):
         """Stream any number of tokens [B, t]: (logits [B, t, V], state). Sleeps when a window fills.
@@ -127,8 +87,7 @@ class HybridLM(nn.Module):
         Evaluates after every window, so the lazy graph never grows across windows or calls.
         """
         logits, new = self._stream(tokens, state, passes, materialize=True)
-        state.__dict__.update(new.__dict__)
-        return logits, state
+        return logits, state.update(new)
 
     def sleep(self, state: State, force: bool = False, passes: int | None = None) -> State:
         """Run a due sleep now (same numbers as the next `step` would give); evaluated before returning.
@@ -137,14 +96,13 @@ class HybridLM(nn.Module):
         action outside the step == forward contract); `passes` applies to that forced sleep.
         """
         if state.due:
-            new = self._sleep(state, state.due)
+            new = schedule.sleep(self, state, state.due, mx.concatenate)
         elif force and state.offset > 0:
-            new = self._sleep(state, self._passes(passes))
+            new = schedule.sleep(self, state, self._passes(passes), mx.concatenate)
         else:
             return state
         mx.eval(new.tensors())  # lazy MLX would otherwise defer the work to the next step
-        state.__dict__.update(new.__dict__)
-        return state
+        return state.update(new)
 
     # --- memory files ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -154,9 +112,7 @@ class HybridLM(nn.Module):
 
     def save_state(self, state: State, path) -> None:
         """Write a State as a memory file (safetensors, atomic); either backend reads it."""
-        lists = {f: getattr(state, f) for f in memory.LIST_FIELDS}
-        counters = {f: getattr(state, f) for f in memory.INT_FIELDS}
-        tensors, meta = memory.state_to_named(lists, state.hidden, counters, self.fingerprint())
+        tensors, meta = memory.state_to_named(state, self.fingerprint())
         with atomic_file(path) as tmp:
             target = tmp.with_suffix(".safetensors")  # mx.save_safetensors appends the suffix otherwise
             mx.save_safetensors(str(target), tensors, metadata=meta)
@@ -165,15 +121,11 @@ class HybridLM(nn.Module):
     def load_state(self, path) -> State:
         """Read a memory file written for this model (by either backend); continuing is exact."""
         counters = memory.check_memory_file(path, self.fingerprint())
-        lists, hidden = memory.named_to_lists(mx.load(str(path)), counters.pop("n_layers"))
-        return State(**lists, hidden=hidden, **counters)
+        return memory.named_to_state(mx.load(str(path)), self.config.layer_types, counters)
 
     # --- internals (pure: they return a new State) -----------------------------------------------
-    def _passes(self, passes):
-        passes = self.config.sleep_passes if passes is None else passes
-        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-            raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
-        return passes
+    def _passes(self, passes) -> int:
+        return schedule.check_passes(passes, self.config.sleep_passes)
 
     def _check_tokens(self, tokens, state: State):
         if not _is_2d(tokens) or not mx.issubdtype(tokens.dtype, mx.integer):
@@ -187,22 +139,19 @@ class HybridLM(nn.Module):
                 raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
 
     def _stream(self, tokens, state: State, passes, materialize: bool = False):
-        """Window by window; materialize=True (step) evaluates each window's logits and State."""
+        """Window by window (common.sleep); materialize=True (step) evaluates each window's logits
+        and State; each window is recomputed in backward when `checkpoint_windows` is on."""
         passes = self._passes(passes)
         self._check_tokens(tokens, state)
-        L, T = self.config.window, tokens.shape[1]
-        outs, i = [], 0
-        while i < T:
-            n = min(L - state.offset if not state.due else L, T - i)
-            piece = tokens[:, i:i + n]
-            if self.checkpoint_windows:
-                logits, state = self._checkpointed_window(piece, state, passes)
-            else:
-                logits, state = self._window(piece, state, passes)
+        run = self._checkpointed_window if self.checkpoint_windows else self._window
+
+        def run_window(piece, s):
+            logits, s = run(piece, s, passes)
             if materialize:
-                mx.eval(logits, state.tensors())
-            outs.append(logits)
-            i += n
+                mx.eval(logits, s.tensors())
+            return logits, s
+
+        outs, state = schedule.stream(tokens, state, self.config.window, run_window)
         if not outs:
             return mx.zeros((tokens.shape[0], 0, self.config.vocab_size), dtype=self.embed.weight.dtype), state
         return mx.concatenate(outs, 1), state
@@ -211,82 +160,19 @@ class HybridLM(nn.Module):
         """`_window` under nn.utils.checkpoint: recomputed in backward.
 
         mx.checkpoint takes trees of arrays, not a State, and differentiates every array input, so
-        the State travels as a dict and the integer tokens are closed over rather than passed.
+        the State travels as a tree (common.sleep.to_tree) and the integer tokens are closed over.
         """
-        def window(fields):
-            logits, new = self._window(tokens, State(**fields), passes)
-            return logits, dict(vars(new))
+        kinds = [type(cache) for cache in state.caches]
 
-        logits, fields = nn.utils.checkpoint(self, window)(dict(vars(state)))
-        return logits, State(**fields)
+        def window(tree):
+            logits, new = self._window(tokens, schedule.from_tree(tree, kinds), passes)
+            return logits, schedule.to_tree(new)
+
+        logits, tree = nn.utils.checkpoint(self, window)(schedule.to_tree(state))
+        return logits, schedule.from_tree(tree, kinds)
 
     def _window(self, tokens, state: State, passes: int):
-        """Sleep if due, then wake over tokens that all fall in the current window."""
-        if state.due:
-            state = self._sleep(state, state.due)
-        logits, state = self._wake(tokens, state)
-        if state.offset == self.config.window:
-            state = dataclasses.replace(state, due=passes)
-        return logits, state
-
-    def _wake(self, tokens, state: State):
-        a, b = self.config.loop_range
-        running, conv = list(state.running), list(state.conv)
-        cur_k, cur_v = list(state.cur_k), list(state.cur_v)
-        hidden = state.hidden
-        h = self.embed(tokens)  # (B, t, d)
-        self._trace("embed", 0, h)
-        for i, block in enumerate(self.layers):
-            if block.kind == "A":
-                past_k = mx.concatenate([state.past_k[i], state.cur_k[i]], 1)
-                past_v = mx.concatenate([state.past_v[i], state.cur_v[i]], 1)
-                h, (k, v) = block(h, past_k, past_v, state.offset)
-                cur_k[i], cur_v[i] = mx.concatenate([cur_k[i], k], 1), mx.concatenate([cur_v[i], v], 1)
-            else:
-                h, (running[i], conv[i]) = block(h, running[i], conv[i])
-            if i == b - 1:
-                hidden = mx.concatenate([hidden, h], 1)
-            self._trace("block", i, h)
-        t = tokens.shape[1]
-        new = dataclasses.replace(state, running=running, conv=conv, cur_k=cur_k, cur_v=cur_v, hidden=hidden,
-                                  offset=state.offset + t, seen=state.seen + t)
-        return self.head(h), new
-
-    def _full_pass(self, i: int, h, ssm_state, state: State):
-        """Block i over a whole window from a fresh conv tail; attention sees the kept past only."""
-        block = self.layers[i]
-        if block.kind == "A":
-            h, _ = block(h, state.past_k[i], state.past_v[i], 0)
-            return h, None
-        h, (ssm_state, _) = block(h, ssm_state, None)
-        return h, ssm_state
-
-    def _sleep(self, state: State, passes: int) -> State:
-        a, b = self.config.loop_range
-        committed = list(state.running)  # pass 1 = the wake pass; N = 1 commits it as is
-        if passes > 1:
-            h = state.hidden  # pass 1's output at the end of the looped range
-            for n in range(2, passes + 1):
-                for i in range(a, b):
-                    h, committed[i] = self._full_pass(i, h, committed[i], state)
-                    self._trace(f"sleep{n}.state", i, committed[i])
-            for i in range(b, len(self.layers)):  # coda: again from S_w on the last loop's output
-                h, committed[i] = self._full_pass(i, h, state.committed[i], state)
-                self._trace("coda.state", i, committed[i])
-        keep = self.config.window - 1 if self.config.eviction == "sliding" else 0
-        past_k, past_v = list(state.past_k), list(state.past_v)
-        cur_k, cur_v = list(state.cur_k), list(state.cur_v)
-        for i, block in enumerate(self.layers):
-            if block.kind == "A":
-                all_k = mx.concatenate([state.past_k[i], state.cur_k[i]], 1)
-                all_v = mx.concatenate([state.past_v[i], state.cur_v[i]], 1)
-                start = max(all_k.shape[1] - keep, 0)
-                past_k[i], past_v[i] = all_k[:, start:], all_v[:, start:]
-                cur_k[i], cur_v[i] = all_k[:, :0], all_v[:, :0]
-        return dataclasses.replace(state, committed=committed, running=list(committed),
-                                   conv=[None] * len(self.layers), past_k=past_k, past_v=past_v,
-                                   cur_k=cur_k, cur_v=cur_v, hidden=state.hidden[:, :0], offset=0, due=0,
-                                   sleeps=state.sleeps + 1)
+        return schedule.window(self, tokens, state, passes, mx.concatenate)
 
     def _trace(self, stage: str, index: int, value) -> None:
         if self.tracer is not None and value is not None:

@@ -52,3 +52,49 @@ def test_memory_of_another_model_is_refused(tmp_path, backend):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(CheckpointError, match="not a readable memory file"):
         model.load_state(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_file_of_the_previous_release_still_loads(backend):
+    """tests/data/memory_v1.safetensors was written by the release before per-block caches
+    (State as seven per-field lists, commit d393718): it loads and continues to the logits that
+    release computed."""
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    doc = json.loads((data / "memory_v1.json").read_text())
+    pkg, conv = BACKENDS[backend]
+    model = pkg.HybridLM(ModelConfig.from_dict(doc["config"]), seed=doc["seed"])
+    state = model.load_state(data / "memory_v1.safetensors")
+    tokens = np.array(doc["tokens"])
+    assert (state.seen, state.offset) == (doc["cut"], doc["cut"] % model.config.window)
+    with torch.no_grad():
+        logits, _ = model.step(conv(tokens[:, doc["cut"]:]), state)
+    expected = np.load(data / "memory_v1_next_logits.npy")
+    assert np.abs(_np(logits) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_cache_lengths_are_exact(backend, eviction):
+    """SPEC section 3 bound, checked exactly: attention keeps L (hard) or the previous window's
+    last L-1 plus the current window's keys (sliding); hidden holds the current window only."""
+    pkg, conv = BACKENDS[backend]
+    cfg = CFG.replace(eviction=eviction)
+    L = cfg.window
+    model = pkg.HybridLM(cfg, seed=3)
+    state = model.new_state(2)
+    with torch.no_grad():
+        for t in range(3 * L + 2):
+            model.step(conv(TOKENS[:, t % 23:t % 23 + 1]), state)
+            full = state.offset  # tokens of the current window woken so far
+            kept = min(L - 1, t + 1 - full) if eviction == "sliding" and state.sleeps else 0
+            for cache, kind in zip(state.caches, cfg.layer_types):
+                if kind == "A":
+                    assert (cache.past_k.shape[1], cache.cur_k.shape[1]) == (kept, full), (t, kind)
+                    assert (cache.past_v.shape[1], cache.cur_v.shape[1]) == (kept, full)
+                else:
+                    assert cache.committed.shape == cache.running.shape == (2, cfg.ssm_heads, cfg.ssm_v_dim,
+                                                                            cfg.ssm_head_dim)
+            assert state.hidden.shape[1] == full

@@ -1,0 +1,265 @@
+"""The sleep schedule (SPEC section 3), written once for both backends.
+
+A stream's `State` holds one cache per block plus the current window's wake-pass hidden states.
+The functions below run the schedule of a window on any HybridLM (torch or MLX):
+
+    stream(tokens, state, window_size, run_window)  cut a call's tokens into per-window pieces
+    window(model, tokens, state, passes, cat)   due sleep (if any), then the wake pass
+    wake(model, tokens, state, cat)             every block once over tokens of the current window
+    sleep(model, state, passes, cat)            N-1 more passes over the looped range, the coda, eviction
+
+They never touch a framework: arrays are only sliced, measured (`.shape`) and joined with the
+`cat(arrays, axis)` primitive the backend passes in (torch.cat / mx.concatenate), and blocks are
+called through their cache class, which knows its block's calling convention. Which block runs
+when during a sleep is `sleep_plan`, the one description of the schedule that the model, the FLOP
+count (lmsleep bench train) and the parity report (convert.parity) all read.
+
+Adding a block kind: a cache class here (fields, `wake`, `replay`, `evict`, `woken`, `window_start`),
+registered in CACHE_OF_KIND, and the block's module in each backend's layers.py. Nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+Cat = Callable[[list, int], Any]  # torch.cat / mx.concatenate
+
+
+# --- the schedule of one sleep ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One block run over a whole window during a sleep (after pass 1, which is the wake pass)."""
+
+    stage: str  # "pass{n}" for pass n = 2..N over the looped range, "coda" for the blocks after it
+    block: int
+    start: str  # "carry": from this block's state after its previous run; "window_start": from S_w
+
+
+def sleep_plan(n_layers: int, loop_range: tuple[int, int], passes: int) -> list[Run]:
+    """Block runs of one sleep with `passes` = N, in order (SPEC section 3).
+
+    Pass 1 is the wake pass (reused, not run again). Passes 2..N run the looped blocks [a, b), each
+    continuing from its own state after the previous pass; then the coda blocks [b, n_layers) run
+    once on the last loop's output, starting again from S_w. N = 1: nothing runs, the wake state is
+    committed. The prelude [0, a) never runs again: its wake pass is its only pass.
+    """
+    if passes <= 1:
+        return []
+    a, b = loop_range
+    runs = [Run(f"pass{n}", i, "carry") for n in range(2, passes + 1) for i in range(a, b)]
+    return runs + [Run("coda", i, "window_start") for i in range(b, n_layers)]
+
+
+def pieces(n_tokens: int, offset: int, window: int) -> list[tuple[int, int]]:
+    """Split `n_tokens` new tokens into [start, stop) pieces that each stay inside one window.
+
+    `offset` is how many tokens of the current window are already processed (== window when a
+    full window's sleep is due: the next piece starts a new window).
+    """
+    out, start = [], 0
+    room = window - offset if offset < window else window
+    while start < n_tokens:
+        stop = min(start + room, n_tokens)
+        out.append((start, stop))
+        start, room = stop, window
+    return out
+
+
+def check_passes(passes, default: int) -> int:
+    """`passes` (None = the config's N) as a validated integer >= 1."""
+    passes = default if passes is None else passes
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+    return passes
+
+
+# --- per-block caches ----------------------------------------------------------------------------
+
+class _Cache:
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def tensors(self) -> list:
+        return [t for t in (getattr(self, f) for f in self.FIELDS) if t is not None]
+
+    def named(self) -> dict[str, Any]:
+        """{field: array} without the empty (None) fields: the memory-file entries of this block."""
+        return {f: getattr(self, f) for f in self.FIELDS if getattr(self, f) is not None}
+
+
+@dataclass
+class AttentionCache(_Cache):
+    """An attention block's keys/values [B, P, H_kv, D] (keys unrotated, SPEC section 2).
+
+    `past_*`: kept from before the current window (sliding eviction: at most L-1 tokens);
+    `cur_*`: the wake pass's keys/values of the current window so far (at most L tokens).
+    """
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("past_k", "past_v", "cur_k", "cur_v")
+    past_k: Any
+    past_v: Any
+    cur_k: Any
+    cur_v: Any
+
+    def wake(self, block, h, offset: int, cat: Cat):
+        """The wake pass over new tokens at window positions offset..: they see past + current keys."""
+        keys, values = cat([self.past_k, self.cur_k], 1), cat([self.past_v, self.cur_v], 1)
+        h, (k, v) = block(h, keys, values, offset)
+        return h, dataclasses.replace(self, cur_k=cat([self.cur_k, k], 1), cur_v=cat([self.cur_v, v], 1))
+
+    def woken(self):
+        return None  # attention carries nothing from pass to pass
+
+    def window_start(self):
+        return None
+
+    def replay(self, block, h, carry):
+        """A sleep pass over the whole window: in-window keys of this pass plus the kept past only."""
+        h, _ = block(h, self.past_k, self.past_v, 0)
+        return h, None
+
+    def evict(self, carry, keep: int, cat: Cat) -> AttentionCache:
+        """After a sleep: keep the last `keep` wake-pass keys/values (0 = hard eviction)."""
+        keys, values = cat([self.past_k, self.cur_k], 1), cat([self.past_v, self.cur_v], 1)
+        start = max(keys.shape[1] - keep, 0)
+        return AttentionCache(keys[:, start:], values[:, start:], keys[:, :0], values[:, :0])
+
+
+@dataclass
+class SSMCache(_Cache):
+    """An SSM block's fast weights [B, H, Dv, Dk] float32 and its short-conv tail.
+
+    `committed`: S_w, the state the current window started from; `running`: the state after the
+    wake pass over the window so far; `conv`: the last K-1 conv inputs of the window (None at a
+    window start, where the SPEC pads with zeros).
+    """
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("committed", "running", "conv")
+    committed: Any
+    running: Any
+    conv: Any = None
+
+    def wake(self, block, h, offset: int, cat: Cat):
+        h, (running, conv) = block(h, self.running, self.conv)
+        return h, dataclasses.replace(self, running=running, conv=conv)
+
+    def woken(self):
+        return self.running  # pass 1 of a sleep is the wake pass: pass 2 continues from here
+
+    def window_start(self):
+        return self.committed  # S_w: where the coda starts again
+
+    def replay(self, block, h, carry):
+        """A sleep pass over the whole window from state `carry`, with a fresh (zero) conv tail."""
+        h, (state, _) = block(h, carry, None)
+        return h, state
+
+    def evict(self, carry, keep: int, cat: Cat) -> SSMCache:
+        """After a sleep: the state of the last run is S_{w+1}."""
+        return SSMCache(committed=carry, running=carry, conv=None)
+
+
+CACHE_OF_KIND = {"A": AttentionCache, "S": SSMCache}  # block kind (ModelConfig.layer_types) -> cache
+
+
+# --- the stream's state ---------------------------------------------------------------------------
+
+@dataclass
+class State:
+    """What a stream carries between calls: bounded however long the stream (SPEC section 3)."""
+
+    caches: list  # one cache per block (AttentionCache / SSMCache)
+    hidden: Any  # wake-pass hidden states at the end of the looped range [B, offset, d]
+    offset: int = 0  # tokens of the current window processed
+    due: int = 0  # passes of a full window's pending sleep (0 = none due)
+    seen: int = 0  # tokens seen in total
+    sleeps: int = 0  # sleeps done
+
+    COUNTERS: ClassVar[tuple[str, ...]] = ("offset", "due", "seen", "sleeps")
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    def tensors(self) -> list:
+        return [t for c in self.caches for t in c.tensors()] + [self.hidden]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def counters(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.COUNTERS}
+
+    def update(self, new: State) -> State:
+        """Make this State (the caller's object) equal `new`; returns self."""
+        self.__dict__.update(new.__dict__)
+        return self
+
+
+def to_tree(state: State) -> dict:
+    """The State as plain dicts and lists (for mx.checkpoint, which takes trees of arrays)."""
+    return {"caches": [dict(vars(c)) for c in state.caches], "hidden": state.hidden, **state.counters()}
+
+
+def from_tree(tree: dict, kinds: list[type]) -> State:
+    """Inverse of `to_tree`; `kinds` are the cache classes of the blocks, in order."""
+    caches = [kind(**fields) for kind, fields in zip(kinds, tree["caches"])]
+    return State(caches=caches, **{k: v for k, v in tree.items() if k != "caches"})
+
+
+# --- the schedule ---------------------------------------------------------------------------------
+
+def stream(tokens, state: State, window_size: int, run_window) -> tuple[list, State]:
+    """Feed `tokens` [B, T] window piece by window piece through `run_window(piece, state)`.
+
+    Returns the pieces' logits (to be joined by the caller) and the final State.
+    """
+    outs = []
+    for start, stop in pieces(tokens.shape[1], state.offset, window_size):
+        logits, state = run_window(tokens[:, start:stop], state)
+        outs.append(logits)
+    return outs, state
+
+
+def window(model, tokens, state: State, passes: int, cat: Cat):
+    """Sleep if due, then wake over `tokens`, which all fall in the current window."""
+    if state.due:
+        state = sleep(model, state, state.due, cat)
+    logits, state = wake(model, tokens, state, cat)
+    if state.offset == model.config.window:
+        state = dataclasses.replace(state, due=passes)
+    return logits, state
+
+
+def wake(model, tokens, state: State, cat: Cat):
+    """Embed `tokens`, run every block once, keep the hidden states at the end of the looped range."""
+    b = model.config.loop_range[1]
+    caches, hidden = list(state.caches), state.hidden
+    h = model.embed(tokens)  # (B, t, d)
+    model._trace("embed", 0, h)
+    for i, block in enumerate(model.layers):
+        h, caches[i] = caches[i].wake(block, h, state.offset, cat)
+        if i == b - 1:
+            hidden = cat([hidden, h], 1)
+        model._trace("block", i, h)
+    t = tokens.shape[1]
+    new = dataclasses.replace(state, caches=caches, hidden=hidden, offset=state.offset + t, seen=state.seen + t)
+    return model.head(h), new
+
+
+def sleep(model, state: State, passes: int, cat: Cat) -> State:
+    """Consolidate the current window: passes 2..N and the coda (`sleep_plan`), then evict."""
+    c = model.config
+    carry = [cache.woken() for cache in state.caches]
+    h = state.hidden  # pass 1's output at the end of the looped range
+    for run in sleep_plan(len(state.caches), c.loop_range, passes):
+        cache = state.caches[run.block]
+        start = carry[run.block] if run.start == "carry" else cache.window_start()
+        h, carry[run.block] = cache.replay(model.layers[run.block], h, start)
+        model._trace(run.stage, run.block, carry[run.block])
+    keep = c.window - 1 if c.eviction == "sliding" else 0
+    caches = [cache.evict(carry[i], keep, cat) for i, cache in enumerate(state.caches)]
+    return dataclasses.replace(state, caches=caches, hidden=state.hidden[:, :0], offset=0, due=0,
+                               sleeps=state.sleeps + 1)
