@@ -76,6 +76,14 @@ def check_passes(passes, default: int) -> int:
     return passes
 
 
+def check_token_ids(batch: int, state_batch: int, lo: int, hi: int, vocab_size: int) -> None:
+    """Refuse tokens [batch, T] whose ids span [lo, hi] for a State of `state_batch` rows."""
+    if batch != state_batch:
+        raise ValueError(f"tokens have batch size {batch}, the state {state_batch}")
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} out of range [0, {vocab_size})")
+
+
 # --- per-block caches ----------------------------------------------------------------------------
 
 class _Cache:
@@ -211,6 +219,12 @@ def from_tree(tree: dict, kinds: list[type]) -> State:
 
 # --- the schedule ---------------------------------------------------------------------------------
 
+def _trace(model, stage: str, index: int, value) -> None:
+    """Hand a value to the model's optional tracer (convert.parity records every stage)."""
+    if model.tracer is not None and value is not None:
+        model.tracer(stage, index, value)
+
+
 def stream(tokens, state: State, window_size: int, run_window) -> tuple[list, State]:
     """Feed `tokens` [B, T] window piece by window piece through `run_window(piece, state)`.
 
@@ -238,15 +252,25 @@ def wake(model, tokens, state: State, cat: Cat):
     b = model.config.loop_range[1]
     caches, hidden = list(state.caches), state.hidden
     h = model.embed(tokens)  # (B, t, d)
-    model._trace("embed", 0, h)
+    _trace(model, "embed", 0, h)
     for i, block in enumerate(model.layers):
         h, caches[i] = caches[i].wake(block, h, state.offset, cat)
         if i == b - 1:
             hidden = cat([hidden, h], 1)
-        model._trace("block", i, h)
+        _trace(model, "block", i, h)
     t = tokens.shape[1]
     new = dataclasses.replace(state, caches=caches, hidden=hidden, offset=state.offset + t, seen=state.seen + t)
     return model.head(h), new
+
+
+def sleep_now(model, state: State, force: bool, passes, cat: Cat) -> State | None:
+    """What the public `model.sleep(state, force, passes)` runs: the due sleep (with its own passes),
+    else with force=True a sleep of the partial window; None when there is nothing to consolidate."""
+    if state.due:
+        return sleep(model, state, state.due, cat)
+    if force and state.offset > 0:
+        return sleep(model, state, check_passes(passes, model.config.sleep_passes), cat)
+    return None
 
 
 def sleep(model, state: State, passes: int, cat: Cat) -> State:
@@ -258,7 +282,7 @@ def sleep(model, state: State, passes: int, cat: Cat) -> State:
         cache = state.caches[run.block]
         start = carry[run.block] if run.start == "carry" else cache.window_start()
         h, carry[run.block] = cache.replay(model.layers[run.block], h, start)
-        model._trace(run.stage, run.block, carry[run.block])
+        _trace(model, run.stage, run.block, carry[run.block])
     keep = c.window - 1 if c.eviction == "sliding" else 0
     caches = [cache.evict(carry[i], keep, cat) for i, cache in enumerate(state.caches)]
     return dataclasses.replace(state, caches=caches, hidden=state.hidden[:, :0], offset=0, due=0,

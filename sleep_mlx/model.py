@@ -90,18 +90,12 @@ class HybridLM(nn.Module):
         return logits, state.update(new)
 
     def sleep(self, state: State, force: bool = False, passes: int | None = None) -> State:
-        """Run a due sleep now (same numbers as the next `step` would give); evaluated before returning.
-
-        force=True also consolidates a partial window now and starts a new window after it (a user
-        action outside the step == forward contract); `passes` applies to that forced sleep.
-        """
-        if state.due:
-            new = schedule.sleep(self, state, state.due, mx.concatenate)
-        elif force and state.offset > 0:
-            new = schedule.sleep(self, state, self._passes(passes), mx.concatenate)
-        else:
+        """Run a due sleep now, as sleep_torch's `sleep` does, and evaluate it before returning (lazy
+        MLX would otherwise defer the work to the next step, e.g. past a chat's idle time)."""
+        new = schedule.sleep_now(self, state, force, passes, mx.concatenate)
+        if new is None:
             return state
-        mx.eval(new.tensors())  # lazy MLX would otherwise defer the work to the next step
+        mx.eval(new.tensors())
         return state.update(new)
 
     # --- memory files ----------------------------------------------------------------------------
@@ -130,13 +124,8 @@ class HybridLM(nn.Module):
     def _check_tokens(self, tokens, state: State):
         if not _is_2d(tokens) or not mx.issubdtype(tokens.dtype, mx.integer):
             raise ValueError("tokens must be an integer array of shape [batch, time]")
-        if tokens.shape[0] != state.batch_size:
-            raise ValueError(f"tokens have batch size {tokens.shape[0]}, the state {state.batch_size}")
-        if tokens.size:
-            lo, hi = tokens.min().item(), tokens.max().item()
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
+        lo, hi = (tokens.min().item(), tokens.max().item()) if tokens.size else (0, 0)
+        schedule.check_token_ids(tokens.shape[0], state.batch_size, lo, hi, self.config.vocab_size)
 
     def _stream(self, tokens, state: State, passes, materialize: bool = False):
         """Window by window (common.sleep); materialize=True (step) evaluates each window's logits
@@ -173,10 +162,6 @@ class HybridLM(nn.Module):
 
     def _window(self, tokens, state: State, passes: int):
         return schedule.window(self, tokens, state, passes, mx.concatenate)
-
-    def _trace(self, stage: str, index: int, value) -> None:
-        if self.tracer is not None and value is not None:
-            self.tracer(stage, index, value)
 
     def head(self, h):
         h = self.norm(h)

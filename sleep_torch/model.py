@@ -88,13 +88,8 @@ class HybridLM(nn.Module):
         force=True also consolidates a partial window now and starts a new window after it (a user
         action outside the step == forward contract); `passes` applies to that forced sleep.
         """
-        if state.due:
-            new = schedule.sleep(self, state, state.due, torch.cat)
-        elif force and state.offset > 0:
-            new = schedule.sleep(self, state, self._passes(passes), torch.cat)
-        else:
-            return state
-        return state.update(new)
+        new = schedule.sleep_now(self, state, force, passes, torch.cat)
+        return state if new is None else state.update(new)
 
     # --- memory files ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -126,13 +121,8 @@ class HybridLM(nn.Module):
     def _check_tokens(self, tokens, state: State):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError("tokens must be an integer tensor of shape [batch, time]")
-        if tokens.shape[0] != state.batch_size:
-            raise ValueError(f"tokens have batch size {tokens.shape[0]}, the state {state.batch_size}")
-        if tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
+        lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+        schedule.check_token_ids(tokens.shape[0], state.batch_size, lo, hi, self.config.vocab_size)
 
     def _stream(self, tokens, state: State, passes):
         """Window by window (common.sleep); each window is recomputed in backward when
@@ -152,10 +142,6 @@ class HybridLM(nn.Module):
 
     def _window(self, tokens, state: State, passes: int):
         return schedule.window(self, tokens, state, passes, torch.cat)
-
-    def _trace(self, stage: str, index: int, value) -> None:
-        if self.tracer is not None and value is not None:
-            self.tracer(stage, index, value)
 
     def head(self, h):
         h = self.norm(h)
