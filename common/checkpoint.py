@@ -25,6 +25,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
+# config / CLI dtype name -> safetensors tag (the dtypes a model may be stored or run in)
+DTYPE_TAGS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # safetensors dtype tag -> bytes per element
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "U32": 4, "BOOL": 1}
@@ -32,6 +34,13 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 class CheckpointError(ValueError):
     """A model folder or memory file that cannot be used; the message is one line for the user."""
+
+
+def check_dtype(name: str | None) -> str | None:
+    """A dtype name from the user (None = keep the stored one); anything else is a ValueError naming it."""
+    if name is not None and name not in DTYPE_TAGS:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_TAGS)}, got {name!r}")
+    return name
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -43,8 +52,13 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"layers.{i}."
         shapes[p + "norm1.weight"] = (d,)
         if kind == "A":
-            for name, out_dim in (("q_proj", hd), ("k_proj", hd), ("v_proj", hd)):
+            kv = c.kv_heads * c.head_dim
+            for name, out_dim in (("q_proj", hd), ("k_proj", kv), ("v_proj", kv)):
                 shapes[p + f"attn.{name}.weight"] = (out_dim, d)
+                if c.attn_bias:
+                    shapes[p + f"attn.{name}.bias"] = (out_dim,)
+            if c.qk_norm:
+                shapes[p + "attn.q_norm.weight"] = shapes[p + "attn.k_norm.weight"] = (c.head_dim,)
             shapes[p + "attn.o_proj.weight"] = (d, hd)
         else:
             for name, out_dim in (("q_proj", dk), ("k_proj", dk), ("v_proj", dv), ("a_proj", c.ssm_heads),
@@ -57,6 +71,8 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "ssm.A_log"] = (c.ssm_heads,)
             shapes[p + "ssm.dt_bias"] = (c.ssm_heads,)
             shapes[p + "ssm.o_norm.weight"] = (c.ssm_v_dim,)
+        if not c.has_mlp(kind):
+            continue
         shapes[p + "norm2.weight"] = (d,)
         for name, shape in (("gate_proj", (c.mlp_hidden, d)), ("up_proj", (c.mlp_hidden, d)),
                             ("down_proj", (d, c.mlp_hidden))):
@@ -108,36 +124,48 @@ def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict]:
 
 # --- safetensors headers (no framework needed) ---------------------------------------------------
 
-def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype tag, shape) from a safetensors file; checks the file is long enough."""
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
+    """The one safetensors header reader: (tensor entries, `__metadata__`, offset where the data starts).
+
+    An entry is the header's {"dtype", "shape", "data_offsets"} (offsets relative to the data start).
+    A file too short for its header or its tensors, or a header that is not a JSON object of entries,
+    is a one-line CheckpointError.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", raw)
+        (n,) = struct.unpack("<Q", raw)  # little-endian u64: the header's length in bytes
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    out, end = {}, 0
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    meta = header.pop("__metadata__", None) or {}
+    end = 0
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        out[name] = (info["dtype"], tuple(info["shape"]))
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name})")
         end = max(end, info["data_offsets"][1])
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
-    return out
+    return header, meta, 8 + n
+
+
+def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype tag, shape) from a safetensors file; checks the file is long enough."""
+    header, _, _ = read_safetensors(path)
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__", {}) or {}
+    """The `__metadata__` strings of a safetensors file (checked like read_header)."""
+    return read_safetensors(path)[1]
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:

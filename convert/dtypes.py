@@ -1,10 +1,10 @@
 """Raw safetensors I/O and float casts in numpy: tensors move between files as bytes.
 
 A conversion that keeps the dtype must be bit-exact, bf16 included, and numpy has no bfloat16. So
-tensors travel as `Raw(dtype tag, shape, bytes)` read straight from the file (header parsed here,
-data sliced, never decoded) and are written back by a tiny safetensors writer. Only a requested
-dtype cast decodes them: F32 <-> BF16 <-> F16 on bit patterns, bf16 rounded to nearest even
-(exactly what torch's `.to(torch.bfloat16)` does for finite values and infinities; NaN stays NaN).
+tensors travel as `Raw(dtype tag, shape, bytes)` read straight from the file (header read by
+common.checkpoint.read_safetensors, data sliced, never decoded) and are written back by a tiny
+safetensors writer. Only a requested dtype cast decodes them: F32 <-> BF16 <-> F16 on bit patterns,
+bf16 rounded to nearest even (exactly what torch's `.to(torch.bfloat16)` does for finite values and infinities; NaN stays NaN).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import numpy as np
 
 from common import checkpoint as ckpt
 
-# config / CLI dtype name -> safetensors tag
-DTYPE_TAGS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+DTYPE_TAGS = ckpt.DTYPE_TAGS  # config / CLI dtype name -> safetensors tag (one list, in common/checkpoint.py)
 FLOAT_TAGS = ("F32", "BF16", "F16")
 # safetensors tag -> numpy dtype holding the same bytes (BF16 as its uint16 bit pattern)
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
@@ -45,20 +44,17 @@ class Raw:
 def read_raw(path: str | os.PathLike) -> tuple[dict[str, Raw], dict]:
     """{name: Raw} in file order and the `__metadata__` of a safetensors file (checked for truncation)."""
     path = Path(path)
-    ckpt.read_header(path)  # one-line CheckpointError for truncated / corrupt files
+    header, meta, start = ckpt.read_safetensors(path)  # one-line CheckpointError for truncated / corrupt files
     blob = path.read_bytes()
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    meta = header.pop("__metadata__", None) or {}
     tensors = {}
     for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        start, end = info["data_offsets"]
+        begin, end = info["data_offsets"]
         dtype, shape = info["dtype"], tuple(info["shape"])
         if dtype not in ckpt.DTYPE_SIZES:
             raise ckpt.CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        if end - start != int(np.prod(shape, dtype=np.int64)) * ckpt.DTYPE_SIZES[dtype]:
-            raise ckpt.CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {list(shape)}")
-        tensors[name] = Raw(dtype, shape, blob[8 + n + start:8 + n + end])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * ckpt.DTYPE_SIZES[dtype]:
+            raise ckpt.CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
+        tensors[name] = Raw(dtype, shape, blob[start + begin:start + end])
     return tensors, meta
 
 

@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from common.backends import require
+
 
 @dataclasses.dataclass
 class StageError:
@@ -97,37 +99,33 @@ class _Recorder:
 def parity(model_dir: str | os.PathLike, *, passes: int | None = None, tokens: int = 64, batch: int = 2,
            seed: int = 0, gen_tokens: int = 50, eviction: str | None = None, tol: float = 1e-4) -> ParityReport:
     """Load `model_dir` in both backends (float32) and compare every traced stage and greedy generation."""
-    import mlx.core as mx
-    import torch
-
-    import sleep_mlx
-    import sleep_torch
+    ref, out = require("torch"), require("mlx")  # torch is the reference
 
     if tokens < 1 or batch < 1 or gen_tokens < 0:
         raise ValueError(f"tokens and batch must be >= 1 and gen_tokens >= 0 (got {tokens}, {batch}, {gen_tokens})")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
-    t_model = sleep_torch.load(model_dir, dtype="float32").eval()
-    m_model = sleep_mlx.load(model_dir, dtype="float32")
+    t_model = ref.module().load(model_dir, dtype="float32").eval()
+    m_model = out.module().load(model_dir, dtype="float32")
     config = t_model.config if eviction is None else t_model.config.replace(eviction=eviction)
     t_model.config = m_model.config = config  # eviction is read at sleep time
     passes = config.sleep_passes if passes is None else passes
-    t_np = lambda x: x.detach().cpu().double().numpy()  # noqa: E731
-    m_np = lambda x: np.array(x.astype(mx.float32)).astype(np.float64)  # noqa: E731
+    t_np = lambda x: ref.to_numpy(x).astype(np.float64)  # noqa: E731
+    m_np = lambda x: out.to_numpy(x).astype(np.float64)  # noqa: E731
 
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, tokens))
     t_model.tracer, m_model.tracer = t_rec, m_rec = _Recorder(t_np), _Recorder(m_np)
     try:
-        with torch.no_grad():
-            t_logits = t_model(torch.as_tensor(ids), passes=passes)
-        m_logits = m_model(mx.array(ids, dtype=mx.int32), passes=passes)
+        with ref.no_grad():
+            t_logits = t_model(ref.array(ids), passes=passes)
+        m_logits = m_model(out.array(ids), passes=passes)
     finally:
         t_model.tracer = m_model.tracer = None
     stages, problems = _compare(t_rec.rows + [("logits", t_np(t_logits))],
                                 m_rec.rows + [("logits", m_np(m_logits))])
 
     prompt = np.random.default_rng(seed + 1).integers(0, config.vocab_size, (1, max(1, config.window // 2)))
-    steps, compared, agree, agree_all = _greedy(t_model, m_model, prompt, gen_tokens, passes, tol, t_np, m_np)
+    steps, compared, agree, agree_all = _greedy(t_model, m_model, prompt, gen_tokens, passes, tol, ref, out)
     return ParityReport(str(model_dir), passes, config.eviction, tokens, batch, tol, stages, steps, compared,
                         agree, agree_all, problems)
 
@@ -149,18 +147,15 @@ def _compare(ref_rows, out_rows) -> tuple[list[StageError], list[str]]:
     return stages, problems
 
 
-def _greedy(t_model, m_model, prompt, n: int, passes: int, tol: float, t_np, m_np):
+def _greedy(t_model, m_model, prompt, n: int, passes: int, tol: float, ref, out):
     """Stream torch's greedy tokens through both models -> (steps, compared, agree, agree_all)."""
-    import mlx.core as mx
-    import torch
-
     t_state, m_state = t_model.new_state(1), m_model.new_state(1)
     compared = agree = agree_all = 0
     feed = prompt
-    with torch.no_grad():
+    with ref.no_grad():
         for _ in range(n):
-            a = t_np(t_model.step(torch.as_tensor(feed), t_state, passes=passes)[0])[0, -1]
-            b = m_np(m_model.step(mx.array(feed, dtype=mx.int32), m_state, passes=passes)[0])[0, -1]
+            a = ref.to_numpy(t_model.step(ref.array(feed), t_state, passes=passes)[0])[0, -1].astype(np.float64)
+            b = out.to_numpy(m_model.step(out.array(feed), m_state, passes=passes)[0])[0, -1].astype(np.float64)
             top2 = np.sort(a)[-2:] if a.size > 1 else np.array([-np.inf, a[0]])
             same = int(np.argmax(a)) == int(np.argmax(b))
             agree_all += same

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from common import checkpoint as ckpt
+from common.backends import require
 from common.config import ModelConfig
 from convert.dtypes import Raw, bf16_bits_to_f32, f32_to_bf16_bits, from_numpy, to_numpy
 
@@ -104,26 +105,14 @@ def dequantize_tensors(tensors: dict[str, Raw], quantization: dict) -> dict[str,
 def quantization_error(reference_dir: str | os.PathLike, quantized_dir: str | os.PathLike, *, tokens: int = 64,
                        batch: int = 2, seed: int = 0) -> dict:
     """Logits of the quantized model vs the unquantized one (MLX, float32 compute) on random tokens."""
-    import mlx.core as mx
-
-    import sleep_mlx
-
-    ref, quant = sleep_mlx.load(reference_dir, dtype="float32"), sleep_mlx.load(quantized_dir, dtype="float32")
+    mlx = require("mlx")  # quantized folders run on MLX
+    ref, quant = (mlx.module().load(d, dtype="float32") for d in (reference_dir, quantized_dir))
     ids = np.random.default_rng(seed).integers(0, ref.config.vocab_size, (batch, tokens))
-    a = np.array(ref(mx.array(ids, dtype=mx.int32)), dtype=np.float64)
-    b = np.array(quant(mx.array(ids, dtype=mx.int32)), dtype=np.float64)
+    a = mlx.to_numpy(ref(mlx.array(ids))).astype(np.float64)
+    b = mlx.to_numpy(quant(mlx.array(ids))).astype(np.float64)
     err = float(np.max(np.abs(a - b)))
     return {"max_abs": err, "max_rel": err / max(float(np.max(np.abs(a))), 1e-30),
             "greedy_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))), "tokens": batch * tokens}
-
-
-def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, *, bits: int = 4, group_size: int = 64,
-                    dtype: str | None = None, overwrite: bool = False) -> dict:
-    """Write a quantized MLX copy of a model folder; the report carries the logit error vs `src`."""
-    from convert.convert import convert_model  # the folder pipeline lives there (it imports this module)
-
-    return convert_model(src, dst, to="mlx", dtype=dtype, quantize_bits=bits, group_size=group_size,
-                         overwrite=overwrite)
 
 
 def _round(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -153,4 +142,4 @@ def _from_mlx(a, dtype: str) -> Raw:
 
 
 __all__ = ["BITS", "GROUP_SIZES", "check_settings", "quantizable_layers", "quantize_tensors", "dequantize",
-           "dequantize_tensors", "quantization_error", "quantize_folder"]
+           "dequantize_tensors", "quantization_error"]

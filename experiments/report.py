@@ -19,6 +19,7 @@ from common.tasks.rule110 import rule110_step
 from common.training import read_metrics
 from experiments.grid import (DEPO_ARGS, DEPO_PASSES, EVAL_N, LONG_DEPTH, LONG_PASSES, LONG_SEEDS, LONG_STEPS,
                               LR_SWEEP, RULE110_DEPTHS, RULE110_PASSES, RULE110_STEPS, SEEDS, command, runs)
+from lmsleep import plots as pl
 
 ROOT = "runs/experiments"
 TABLES = Path("experiments/results")
@@ -200,25 +201,16 @@ def commands(res: dict, root: str) -> list[str]:
 
 
 def plots(res: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pl.pyplot()
+    if plt is None:
         return []
-    out.mkdir(parents=True, exist_ok=True)
     colors = {1: "tab:gray", 2: "tab:blue", 3: "tab:orange", 4: "tab:red"}
     written = []
 
     def finish(fig, ax, path: Path):
         if ax is not None:
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            pl.finish(ax)
+        written.append(pl.save(fig, path, dpi=110))
 
     def curves(x_key: str, fname: str, xlabel: str):
         depths = [t for t in RULE110_DEPTHS if any(name.startswith(f"rule110-t{t}-") for name in res)]
@@ -241,9 +233,7 @@ def plots(res: dict, out: Path) -> list[Path]:
                                 ax.axhline(c[-1]["eval_majority_exact"], color="k", ls="--", lw=0.8)
                 title = f"Rule 110, t={t}" + (" (dashed: majority baseline)" if metric == "exact" else "")
                 ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-                ax.grid(alpha=0.3)
-                if ax.get_legend_handles_labels()[0]:
-                    ax.legend(fontsize=8)
+                pl.finish(ax, legend_size=8)
         finish(fig, None, out / fname)
 
     curves("step", "rule110_curves.png", "training step (every seed; fainter: seeds 1, 2)")

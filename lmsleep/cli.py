@@ -21,15 +21,17 @@ class UserError(click.ClickException):
 
 
 def user_errors(fn):
-    """Turn ValueError / FileNotFoundError raised by library code into a one-line UserError."""
+    """Turn ValueError / FileNotFoundError raised by library code into a one-line UserError.
+
+    Library code validates user input where it reads it and raises ValueError naming the value;
+    anything else (a KeyError included) is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise UserError(str(message).splitlines()[0] if str(message) else type(e).__name__) from None
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     return wrapper
 
@@ -102,10 +104,33 @@ def data(task, n, seed, params):
         click.echo(render_example(t, batch, i))
 
 
+class BackendChoice(click.Choice):
+    """The backends of common/backends.py's table, read when click asks (help, parsing), not at import."""
+
+    def __init__(self, auto: bool = True):
+        self.auto = auto
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from common import backends
+
+        return backends.choices() if self.auto else backends.names()
+
+    @choices.setter
+    def choices(self, _):  # click.Choice.__init__ assigns; the table is the only source
+        pass
+
+
 def backend_option(fn):
-    return click.option("--backend", default="auto", show_default=True,
-                        type=click.Choice(["auto", "torch", "mlx"]),
-                        help="auto = mlx on Apple Silicon, else torch.")(fn)
+    return click.option("--backend", default="auto", show_default=True, type=BackendChoice(),
+                        help="auto = mlx on Apple Silicon (when installed), else torch.")(fn)
+
+
+def dtype_choice() -> click.Choice:
+    from common.checkpoint import DTYPE_TAGS
+
+    return click.Choice(list(DTYPE_TAGS))
 
 
 def parse_pairs(pairs) -> dict:
@@ -146,8 +171,13 @@ def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, r
     t, mc, tc = wf.build_run(task, parse_pairs(task_args), preset, parse_pairs(sets), passes=passes,
                              grad_accum=grad_accum, steps=steps, data=data)
     if nproc > 1:
-        if wf.resolve(backend) != "torch":
-            raise UserError("--nproc needs the torch backend (MLX trains on one device)")
+        from common.backends import BACKENDS, get
+
+        b = get(backend)
+        if not b.distributed:
+            able = ", ".join(x.name for x in BACKENDS.values() if x.distributed)
+            raise UserError(f"--nproc needs a backend that trains over several processes ({able}); "
+                            f"{b.name} trains on one device")
         argv = ["--task", task, "--preset", preset, "--out", out] + [f"--task-arg={k}={json.dumps(v)}"
                                                                      for k, v in t.params.items()]
         argv += [f"--set={k}={json.dumps(v)}" for k, v in {**mc.to_dict(), **tc.to_dict()}.items()]
@@ -197,7 +227,7 @@ def sampling_options(fn):
         click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
         click.option("--seed", default=0, show_default=True, help="Sampling seed."),
         click.option("--passes", type=int, help="Sleep passes N (default: the model's)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype."),
+        click.option("--dtype", type=dtype_choice(), help="Compute dtype."),
     ]):
         fn = option(fn)
     return fn
@@ -272,8 +302,8 @@ def chat(model_dir, memory, max_tokens, temp, top_k, top_p, seed, passes, dtype,
 @cli.command(name="convert")
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option("--to", "to", required=True, type=click.Choice(["mlx", "torch"]), help="Target backend.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+@click.option("--to", "to", required=True, type=BackendChoice(auto=False), help="Target backend.")
+@click.option("--dtype", type=dtype_choice(),
               help="Cast the float tensors (default: keep them bit for bit).")
 @click.option("--quantize", "bits", type=click.Choice(["4", "8"]),
               help="Quantize the block linear weights to 4 or 8 bits (--to mlx only).")
@@ -394,6 +424,13 @@ def bench():
     """
 
 
+def device_help() -> str:
+    from common.backends import BACKENDS
+
+    per_backend = "; ".join(f"{b.name}: {'|'.join(b.devices)}" for b in BACKENDS.values())
+    return f"{per_backend}; auto = the backend's default (CUDA when torch sees it, MLX's default device)."
+
+
 def bench_options(fn):
     for option in reversed([
         click.option("--quick", is_flag=True, help="Fewer sizes and repeats (about a minute on a laptop CPU)."),
@@ -401,8 +438,7 @@ def bench_options(fn):
                      help="Where to write the results.  [default: benchmarks/results/NAME-BACKEND[-quick].json]"),
         click.option("--plot", type=click.Path(dir_okay=False),
                      help="Also draw the results as a PNG (needs matplotlib)."),
-        click.option("--device", default="auto", show_default=True,
-                     help="torch: cpu|cuda; mlx: cpu|gpu; auto = CUDA when torch sees it, MLX's default device."),
+        click.option("--device", default="auto", show_default=True, help=device_help()),
         click.option("--threads", type=int, help="torch intra-op threads (default: one per core)."),
     ]):
         fn = option(fn)

@@ -173,3 +173,39 @@ def test_demo_trains_both_n_and_prints_the_table(tmp_path):
     assert [r["N"] for r in rows] == [1, 4] and all(0 <= r["exact"] <= 1 for r in rows)
     assert "majority_exact" in result.output and "wall_s" in result.output
     assert "lmsleep chat" in result.output and "lmsleep convert" in result.output
+
+
+@pytest.mark.parametrize("command", ["generate", "convert"])
+def test_a_bad_dtype_is_a_one_line_error(text_model, tmp_path, command):
+    args = ["--prompt", "hi"] if command == "generate" else [tmp_path / "out", "--to", "torch"]
+    result = run(command, text_model, *args, "--dtype", "float8")
+    assert_user_error(result, "'float8'")
+
+
+def test_a_bad_dtype_in_library_code_is_a_value_error_naming_it():
+    from common.checkpoint import check_dtype
+
+    assert check_dtype("bfloat16") == "bfloat16" and check_dtype(None) is None
+    with pytest.raises(ValueError, match="got 'float8'"):
+        check_dtype("float8")
+
+
+def test_nproc_with_a_single_device_backend_is_a_one_line_error(monkeypatch):
+    import dataclasses
+
+    from common import backends
+
+    monkeypatch.setitem(backends.BACKENDS, "torch", dataclasses.replace(backends.BACKENDS["torch"], distributed=False))
+    result = run("train", "--task", "rule110", "--preset", "debug", "--nproc", "2", "--out", "x", "--backend", "torch")
+    assert_user_error(result, "--nproc needs a backend that trains over several processes")
+
+
+def test_an_internal_key_error_is_not_swallowed(monkeypatch):
+    from common.config import ModelConfig
+
+    def broken(name, **overrides):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(ModelConfig, "from_name", staticmethod(broken))
+    result = run("presets", "debug")
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)  # a bug: traceback, not exit 2

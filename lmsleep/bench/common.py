@@ -1,8 +1,8 @@
 """What every benchmark shares: the runtime, timing, machine info, memory probes, tables, output.
 
-Timing is the median of repeats after warm-up calls. CPU work in torch is synchronous; on CUDA the
-timer waits for `torch.cuda.synchronize()`; MLX is lazy, so every timed call ends in `mx.eval` of
-its results. Frameworks are imported lazily (`lmsleep --help` stays instant).
+Timing is the median of repeats after warm-up calls; every timed call ends in the backend's `sync`
+(common/backends.py): torch on CPU is synchronous, on CUDA it waits for `torch.cuda.synchronize()`;
+MLX is lazy, so `mx.eval` of the results. Frameworks are imported lazily (`lmsleep --help` stays instant).
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import importlib
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import resource
@@ -22,56 +20,48 @@ from pathlib import Path
 
 import numpy as np
 
-from lmsleep.backends import resolve
+from common import backends
+from common.backends import Backend
+from lmsleep import plots
 
 RESULTS_DIR = Path("benchmarks") / "results"  # default output folder (relative to the working directory)
+# matmul_peak's matrix size per (backend, device): MLX's Linux CPU matmul is ~100x slower than torch's
+MATMUL_N = {("torch", "cpu"): 2048, ("torch", "cuda"): 8192, ("mlx", "cpu"): 1024, ("mlx", "gpu"): 4096}
 
 
 # --- runtime: backend + device ------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Runtime:
-    """The backend package and device a benchmark runs on, with the few calls that differ."""
+    """A backend (its entry in common/backends.py) on one device, with its package and ops module."""
 
-    backend: str  # "torch" | "mlx"
-    device: str  # torch: "cpu" | "cuda"; mlx: "cpu" | "gpu"
+    entry: Backend
+    device: str  # one of entry.devices: torch "cpu" | "cuda"; mlx "cpu" | "gpu"
     pkg: object  # sleep_torch | sleep_mlx
     ops: object  # sleep_torch.ops | sleep_mlx.ops
 
+    @property
+    def backend(self) -> str:
+        return self.entry.name
+
     def array(self, x: np.ndarray, dtype=None):
-        """A numpy array on this runtime's device (integers stay integers)."""
-        if self.backend == "torch":
-            import torch
-
-            t = torch.from_numpy(np.ascontiguousarray(x))
-            return t.to(self.device, dtype=torch.long if t.dtype in (torch.int32, torch.int64) else dtype)
-        import mlx.core as mx
-
-        return mx.array(x) if dtype is None else mx.array(x, dtype=dtype)
+        """A numpy array on this runtime's device (integers become token ids)."""
+        return self.entry.array(x, self.device, dtype)
 
     def sync(self, result=None) -> None:
         """Wait until `result` (any nesting of arrays) has really been computed."""
-        if self.backend == "torch":
-            if self.device == "cuda":
-                import torch
-
-                torch.cuda.synchronize()
-        elif result is not None:
-            import mlx.core as mx
-
-            mx.eval(result)
+        self.entry.sync(result, self.device)
 
     def no_grad(self):
-        if self.backend == "torch":
-            import torch
+        return self.entry.no_grad()
 
-            return torch.no_grad()
-        return contextlib.nullcontext()  # MLX records no tape
+    def grad(self, fn):
+        """fn(*arrays) -> scalar  =>  a function returning the gradient for each array."""
+        return self.entry.grad(fn)
 
     def model(self, config, seed: int = 0):
         """HybridLM(config) on this device, float32."""
-        model = self.pkg.HybridLM(config, seed=seed)
-        return model.to(self.device) if self.backend == "torch" else model
+        return self.entry.to_device(self.pkg.HybridLM(config, seed=seed), self.device)
 
 
 def runtime(backend: str = "auto", device: str = "auto", threads: int | None = None) -> Runtime:
@@ -79,34 +69,20 @@ def runtime(backend: str = "auto", device: str = "auto", threads: int | None = N
 
     threads: torch's intra-op threads (None: torch's default, one per core). With another busy process
     on a 2-core machine, 2 threads wait on each other at every op; 1 thread degrades gracefully."""
-    name = resolve(backend)
-    if importlib.util.find_spec(name) is None:
-        raise ValueError(f"backend {name!r} is not installed (pip install 'lm-sleep[{name}]')")
-    if name == "torch":
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"--device {device!r}: the torch backend runs on 'cpu' or 'cuda'")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: torch sees no CUDA device")
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {threads}")
-            torch.set_num_threads(threads)
-    else:
-        import mlx.core as mx
-
-        if device == "auto":
-            device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-        if device not in ("cpu", "gpu"):
-            raise ValueError(f"--device {device!r}: the mlx backend runs on 'cpu' or 'gpu'")
-        if device == "gpu" and not mx.metal.is_available():
-            raise ValueError("--device gpu: MLX has no GPU here (Metal is not available)")
-        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
-    pkg = importlib.import_module(f"sleep_{name}")
-    return Runtime(name, device, pkg, importlib.import_module(f"sleep_{name}.ops"))
+    b = backends.require(backend)
+    if device == "auto":
+        device = b.default_device()
+    if device not in b.devices:
+        raise ValueError(f"--device {device!r}: the {b.name} backend runs on {' or '.join(map(repr, b.devices))}")
+    problem = b.device_problem(device)
+    if problem:
+        raise ValueError(f"--device {device}: {problem}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        b.set_threads(threads)
+    b.use_device(device)
+    return Runtime(b, device, b.module(), b.module("ops"))
 
 
 # --- timing ---------------------------------------------------------------------------------------------
@@ -168,24 +144,13 @@ def machine_info(rt: Runtime) -> dict:
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "torch": _version("torch"),
-        "mlx": _version("mlx"),
+        **{b.framework: _version(b.framework) for b in backends.BACKENDS.values()},
         "backend": rt.backend,
         "device": rt.device,
         "dtype": "float32",
         "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
     }
-    if rt.backend == "torch":
-        import torch
-
-        info["threads"] = torch.get_num_threads()
-        if rt.device == "cuda":
-            info["gpu"] = torch.cuda.get_device_name()
-    else:
-        import mlx.core as mx
-
-        info["mlx_device"] = str(mx.default_device())
-        info["metal"] = bool(mx.metal.is_available())
+    info.update(rt.entry.describe(rt.device))
     return info
 
 
@@ -207,8 +172,8 @@ def minor_faults() -> int:
 def matmul_peak(rt: Runtime, n: int | None = None, repeats: int = 7) -> dict:
     """Measured float32 GFLOP/s of one big square matmul on this runtime (the 'peak' for MFU).
 
-    n defaults to 2048 on a CPU (1024 for MLX, whose Linux CPU matmul is ~100x slower), 8192 on CUDA."""
-    n = n or {"cuda": 8192, "gpu": 4096}.get(rt.device, 2048 if rt.backend == "torch" else 1024)
+    n defaults to MATMUL_N for the backend and device (1024 for one not listed)."""
+    n = n or MATMUL_N.get((rt.backend, rt.device), 1024)
     rng = np.random.default_rng(0)
     a, b = (rt.array(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
     t = measure(lambda: a @ b, rt.sync, warmup=2, repeats=repeats, min_repeats=2, budget_s=10)
@@ -252,40 +217,12 @@ def default_json_path(bench: str, backend: str, quick: bool) -> Path:
     return RESULTS_DIR / f"{bench}-{backend}{'-quick' if quick else ''}.json"
 
 
+# the shared plot helpers under their old names here (bench/train.py's plot() still calls bc.pyplot / bc.save_figure)
+pyplot, log_ticks, save_figure = plots.pyplot, plots.log_ticks, plots.save
+
+
 def write_json(doc: dict, path) -> Path:
     from common.checkpoint import write_json as atomic_write_json
 
     atomic_write_json(path, doc)
     return Path(path)
-
-
-def pyplot():
-    """matplotlib.pyplot with a file backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def log_ticks(axis, values) -> None:
-    """Label a log axis at exactly these values (matplotlib's minor labels collide)."""
-    from matplotlib.ticker import NullFormatter, NullLocator
-
-    axis.set_ticks(list(values), [f"{v:,}" for v in values])
-    axis.set_minor_locator(NullLocator())
-    axis.set_minor_formatter(NullFormatter())
-
-
-def save_figure(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from common.config import ModelConfig
+from lmsleep import plots
 from lmsleep.bench import common as bc
 
 FULL = dict(contexts=(1024, 4096, 16384, 65536), measure=256, stream="tokens", rounds=8)
@@ -240,7 +241,7 @@ def table(doc: dict) -> str:
 
 
 def plot(doc: dict, path):
-    plt = bc.pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return None
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
@@ -255,7 +256,7 @@ def plot(doc: dict, path):
             title=f"decode latency ({doc['backend']}, batch 1)")
     ax2.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB", title="State memory")
     for ax in (ax1, ax2):
-        bc.log_ticks(ax.xaxis, doc["settings"]["contexts"])
+        plots.log_ticks(ax.xaxis, doc["settings"]["contexts"])
     for w in doc["streams"]:  # wake-step p50 along the whole stream, per block of 1024 positions
         seg = w.get("segments", [])
         ax3.plot([x["start"] for x in seg], [x["p50_ms"] for x in seg], marker=".", label=f"{w['model']} ({w['mode']})")
@@ -264,4 +265,4 @@ def plot(doc: dict, path):
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return bc.save_figure(fig, path)
+    return plots.save(fig, path)

@@ -17,6 +17,7 @@ import copy
 
 import numpy as np
 
+from lmsleep import plots
 from lmsleep.bench import common as bc
 from lmsleep.bench.decode import model_configs
 
@@ -128,7 +129,7 @@ def table(doc: dict) -> str:
 
 
 def plot(doc: dict, path):
-    plt = bc.pyplot()
+    plt = plots.pyplot()
     if plt is None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -144,4 +145,4 @@ def plot(doc: dict, path):
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return bc.save_figure(fig, path)
+    return plots.save(fig, path)

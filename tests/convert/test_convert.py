@@ -235,6 +235,19 @@ def test_prefixed_names_are_stripped(tmp_path, trainer_checkpoint, prefix):
     assert raw_tensors(tmp_path / "t1") == raw
 
 
+def test_one_safetensors_header_reader(tmp_path):
+    f = tmp_path / "x.safetensors"
+    write_raw(f, {"a": Raw("F32", (2,), b"\0" * 8), "b": Raw("BF16", (1, 3), b"\1" * 6)}, {"backend": "torch"})
+    header, meta, start = ckpt.read_safetensors(f)
+    assert meta == ckpt.read_metadata(f) == read_raw(f)[1] == {"backend": "torch"}
+    assert ckpt.read_header(f) == {"a": ("F32", (2,)), "b": ("BF16", (1, 3))}
+    assert start + max(e["data_offsets"][1] for e in header.values()) == f.stat().st_size
+    text = json.dumps({"a": [1, 2]}).encode()  # an entry that is not an object
+    f.write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt safetensors header"):
+        ckpt.read_metadata(f)
+
+
 # --- bad inputs: one line, nothing touched -------------------------------------------------------------
 
 def _break(folder: Path, how: str):
