@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ SSM_RULES = ("delta", "hebbian")
 EVICTIONS = ("hard", "sliding")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3")  # rotary scaling, as transformers defines it
 SCAN_IMPLS = ("auto", "ref", "chunk", "kernel")
 
 
@@ -95,8 +97,8 @@ class ModelConfig(_Config):
     vocab_size: int = 256  # tokens in the vocabulary (the task's tokenizer decides)
     d_model: int = 256  # residual stream width
     n_layers: int = 4  # number of blocks
-    pattern: str = "AS"  # A = attention block, S = SSM block; tiled to n_layers
-    n_heads: int = 4  # attention heads
+    pattern: str = "AS"  # A = attention block, S = SSM block; tiled to n_layers (n_layers letters = explicit list)
+    n_heads: int = 4  # attention (query) heads
     head_dim: int = 64  # attention head size (even: rotary pairs)
     ssm_heads: int = 4  # SSM heads
     ssm_head_dim: int = 64  # SSM key size Dk
@@ -111,6 +113,23 @@ class ModelConfig(_Config):
     eviction: str = "hard"  # "hard": cache cleared after sleep; "sliding": last L-1 kept
     sleep_passes: int = 1  # N: passes over a full window when it sleeps (1 = plain hybrid)
     sleep_layers: tuple[int, int] | None = None  # [start, end) of looped blocks; None = all
+    # Pretrained (retrofit) attention, SPEC section 7; the defaults are the from-scratch model.
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    attn_bias: bool = False  # q/k/v projection biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k over head_dim before rotary (Qwen3)
+    rope_type: str = "default"  # rotary scaling: "default", "linear" or "llama3" (transformers' formulas)
+    rope_factor: float = 1.0  # linear / llama3: frequency divisor
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_positions: int = 8192  # llama3: original_max_position_embeddings
+    ssm_mlp: bool = True  # SSM blocks carry an MLP; False: h = h + ssm(norm1(h)) only (retrofit inserts)
+    bos_id: int | None = None  # beginning-of-sequence token of a pretrained tokenizer (None: none)
+    eos_ids: tuple[int, ...] = ()  # tokens that end a generation / chat turn
+
+    # Fields added after format_version 1: a memory file's fingerprint hashes them only where they
+    # differ from these defaults, so memories written before they existed still load.
+    LATER_FIELDS = ("n_kv_heads", "attn_bias", "qk_norm", "rope_type", "rope_factor", "rope_low_freq_factor",
+                    "rope_high_freq_factor", "rope_original_max_positions", "ssm_mlp", "bos_id", "eos_ids")
 
     @classmethod
     def _presets(cls):
@@ -143,6 +162,21 @@ class ModelConfig(_Config):
             _check(ok, c, "sleep_layers", self.sleep_layers,
                    f"must be [start, end) with 0 <= start < end <= n_layers={self.n_layers}")
             object.__setattr__(self, "sleep_layers", tuple(self.sleep_layers))
+        kv = self.n_kv_heads
+        _check(kv is None or (isinstance(kv, int) and not isinstance(kv, bool) and kv >= 1
+                              and self.n_heads % kv == 0),
+               c, "n_kv_heads", kv, f"must be None or an integer >= 1 dividing n_heads={self.n_heads}")
+        _check(self.rope_type in ROPE_TYPES, c, "rope_type", self.rope_type, f"must be one of {ROPE_TYPES}")
+        for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            _check(getattr(self, name) > 0, c, name, getattr(self, name), "must be > 0")
+        _check(self.rope_type != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor, c,
+               "rope_high_freq_factor", self.rope_high_freq_factor, "must exceed rope_low_freq_factor (llama3)")
+        _check(isinstance(self.rope_original_max_positions, int) and self.rope_original_max_positions >= 1, c,
+               "rope_original_max_positions", self.rope_original_max_positions, "must be an integer >= 1")
+        for name, ids in (("bos_id", () if self.bos_id is None else (self.bos_id,)), ("eos_ids", self.eos_ids)):
+            _check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids),
+                   c, name, getattr(self, name), f"must be token ids in [0, vocab_size={self.vocab_size})")
+        object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
 
     # Derived values (not stored: a config has one source of truth).
     @property
@@ -159,6 +193,45 @@ class ModelConfig(_Config):
     def loop_range(self) -> tuple[int, int]:
         """[start, end) of the blocks a sleep pass repeats."""
         return self.sleep_layers or (0, self.n_layers)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def has_mlp(self, kind: str) -> bool:
+        """Whether a block of this kind ('A' or 'S') has the SwiGLU MLP (and norm2)."""
+        return kind == "A" or self.ssm_mlp
+
+    def rope_inv_freq(self) -> list[float]:
+        """Rotary inverse frequencies [head_dim / 2] in float64, as transformers computes them.
+
+        default: theta^(-2i/D); linear: that / factor; llama3: wavelengths above
+        original_max / low_freq_factor are divided by factor, those below original_max /
+        high_freq_factor kept, and the band between interpolated smoothly.
+        """
+        d = self.head_dim
+        inv = [1.0 / self.rope_theta ** (i / d) for i in range(0, d, 2)]
+        if self.rope_type == "linear":
+            return [f / self.rope_factor for f in inv]
+        if self.rope_type == "default":
+            return inv
+        old, lo, hi = self.rope_original_max_positions, self.rope_low_freq_factor, self.rope_high_freq_factor
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < old / hi:
+                out.append(f)
+            elif wavelen > old / lo:
+                out.append(f / self.rope_factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                out.append((1 - smooth) * f / self.rope_factor + smooth * f)
+        return out
+
+    def fingerprint_dict(self) -> dict:
+        """to_dict() without the LATER_FIELDS that hold their defaults (see LATER_FIELDS)."""
+        d, defaults = self.to_dict(), ModelConfig().to_dict()
+        return {k: v for k, v in d.items() if k not in self.LATER_FIELDS or v != defaults[k]}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ INT_FIELDS = State.COUNTERS  # ("offset", "due", "seen", "sleeps")
 
 def fingerprint(config: ModelConfig, named_arrays: Iterable[tuple[str, np.ndarray]]) -> str:
     """sha256 of the config and of every weight as float32, in name order (backend-independent)."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(config.fingerprint_dict(), sort_keys=True).encode())
     for name, array in sorted(named_arrays, key=lambda kv: kv[0]):
         a = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
         h.update(f"{name}:{list(a.shape)}".encode())

@@ -28,14 +28,15 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
-def rotary(x, positions, theta: float):
-    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * theta^(-2i/D) ("rotate_half").
+def rotary(x, positions, inv_freq):
+    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * inv_freq[i] ("rotate_half").
 
     positions [T] must be consecutive integers (always so here: the tokens of a window and the
-    cached ones just before it); mx.fast.rope takes the first one as its offset, negative included.
+    cached ones just before it); mx.fast.rope takes the first one as its offset, negative included,
+    and wants the periods 1 / inv_freq as `freqs`.
     """
-    x = mx.fast.rope(x.swapaxes(1, 2), x.shape[-1], traditional=False, base=theta, scale=1.0,
-                     offset=positions[0])  # rope wants (B, H, T, D)
+    x = mx.fast.rope(x.swapaxes(1, 2), x.shape[-1], traditional=False, base=None, scale=1.0,
+                     offset=positions[0], freqs=1.0 / inv_freq)  # rope wants (B, H, T, D)
     return x.swapaxes(1, 2)
 
 
@@ -44,42 +45,51 @@ class Attention(nn.Module):
 
     Keys are cached unrotated; positions count from the start of the current window (past tokens
     of the previous window have negative positions), so the rotary angles stay small forever.
+    Pretrained variants (SPEC section 7): grouped-query attention (n_kv_heads key/value heads, each
+    serving n_heads / n_kv_heads query heads), q/k/v biases, per-head RMSNorm of q and k before rotary.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
-        self.n_heads, self.head_dim, self.window, self.theta = c.n_heads, c.head_dim, c.window, c.rope_theta
-        inner = c.n_heads * c.head_dim
-        self.q_proj = nn.Linear(c.d_model, inner, bias=False)
-        self.k_proj = nn.Linear(c.d_model, inner, bias=False)
-        self.v_proj = nn.Linear(c.d_model, inner, bias=False)
-        self.o_proj = nn.Linear(inner, c.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.window = c.n_heads, c.kv_heads, c.head_dim, c.window
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.attn_bias)
+        self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
+        self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+        self.qk_norm = c.qk_norm
+        # Rotary inverse frequencies (float32; the leading underscore keeps them out of the parameters).
+        self._inv_freq = mx.array(c.rope_inv_freq(), dtype=mx.float32)
 
     def new_cache(self, batch_size: int) -> AttentionCache:
-        """No keys/values yet: [B, 0, H, D] each, in the weights' dtype."""
-        empty = mx.zeros((batch_size, 0, self.n_heads, self.head_dim), dtype=self.q_proj.weight.dtype)
+        """No keys/values yet: [B, 0, H_kv, D] each, in the weights' dtype."""
+        empty = mx.zeros((batch_size, 0, self.n_kv_heads, self.head_dim), dtype=self.q_proj.weight.dtype)
         return AttentionCache(past_k=empty, past_v=empty, cur_k=empty, cur_v=empty)
 
     def __call__(self, x, past_k, past_v, start: int):
-        """x [B, T, d] at window positions start..start+T-1; past_k/v [B, P, H, D] just before them.
+        """x [B, T, d] at window positions start..start+T-1; past_k/v [B, P, H_kv, D] just before them.
 
-        Returns (out [B, T, d], k, v) with k, v [B, T, H, D] the new tokens' unrotated keys/values.
+        Returns (out [B, T, d], k, v) with k, v [B, T, H_kv, D] the new tokens' unrotated keys/values.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        keys, values = mx.concatenate([past_k, k], 1), mx.concatenate([past_v, v], 1)  # (B, P+T, H, D)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        keys, values = mx.concatenate([past_k, k], 1), mx.concatenate([past_v, v], 1)  # (B, P+T, H_kv, D)
         P = past_k.shape[1]
         k_pos = mx.arange(start - P, start + T)
         q_pos = k_pos[P:]
-        q_rot = rotary(q, q_pos, self.theta).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k_rot = rotary(keys, k_pos, self.theta).transpose(0, 2, 1, 3)  # (B, H, P+T, D)
+        q_rot = rotary(q, q_pos, self._inv_freq).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k_rot = rotary(keys, k_pos, self._inv_freq).transpose(0, 2, 1, 3)  # (B, H_kv, P+T, D)
         # Each query sees itself and the L-1 tokens before it (the window), never the future.
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
         out = mx.fast.scaled_dot_product_attention(q_rot, k_rot, values.transpose(0, 2, 1, 3),
-                                                   scale=self.head_dim ** -0.5, mask=mask)
+                                                   scale=self.head_dim ** -0.5, mask=mask)  # GQA native
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*D)
         return self.o_proj(out), k, v
 
@@ -180,7 +190,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """h = h + mixer(norm1(h)); h = h + mlp(norm2(h)). The mixer is `attn` (A) or `ssm` (S)."""
+    """h = h + mixer(norm1(h)); h = h + mlp(norm2(h)). The mixer is `attn` (A) or `ssm` (S).
+
+    SSM blocks of a config with ssm_mlp=False have no MLP and no norm2 (the blocks a retrofit inserts).
+    """
 
     def __init__(self, config: ModelConfig, kind: str):
         super().__init__()
@@ -190,8 +203,10 @@ class Block(nn.Module):
             self.attn = Attention(config)
         else:
             self.ssm = SSMMixer(config)
-        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config)
+        self.has_mlp = config.has_mlp(kind)
+        if self.has_mlp:
+            self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+            self.mlp = MLP(config)
 
     def new_cache(self, batch_size: int):
         """This block's empty cache (common.sleep): the mixer decides its kind."""
@@ -205,4 +220,6 @@ class Block(nn.Module):
         mixer = self.attn if self.kind == "A" else self.ssm
         out, *extras = mixer(self.norm1(h), *cache)
         h = h + out
-        return h + self.mlp(self.norm2(h)), extras
+        if self.has_mlp:
+            h = h + self.mlp(self.norm2(h))
+        return h, extras

@@ -27,11 +27,13 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rotary(x, positions, theta: float):
-    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * theta^(-2i/D) ("rotate_half")."""
+def rotary(x, positions, inv_freq):
+    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * inv_freq[i] ("rotate_half").
+
+    inv_freq [D/2] float32 comes from ModelConfig.rope_inv_freq (theta^(-2i/D), or a scaled rope).
+    """
     half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / x.shape[-1])
-    angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # (T, D/2)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
     cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None, :]  # (1, T, 1, D)
     sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None, :]
     x32 = x.float()
@@ -44,41 +46,53 @@ class Attention(nn.Module):
 
     Keys are cached unrotated; positions count from the start of the current window (past tokens
     of the previous window have negative positions), so the rotary angles stay small forever.
+    Pretrained variants (SPEC section 7): grouped-query attention (n_kv_heads key/value heads, each
+    serving n_heads / n_kv_heads query heads), q/k/v biases, per-head RMSNorm of q and k before rotary.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
-        self.n_heads, self.head_dim, self.window, self.theta = c.n_heads, c.head_dim, c.window, c.rope_theta
-        inner = c.n_heads * c.head_dim
-        self.q_proj = nn.Linear(c.d_model, inner, bias=False)
-        self.k_proj = nn.Linear(c.d_model, inner, bias=False)
-        self.v_proj = nn.Linear(c.d_model, inner, bias=False)
-        self.o_proj = nn.Linear(inner, c.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.window = c.n_heads, c.kv_heads, c.head_dim, c.window
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.attn_bias)
+        self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
+        self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+        self.qk_norm = c.qk_norm
+        # Rotary inverse frequencies (float32, not a parameter; kept float32 whatever the model dtype).
+        self._inv_freq = torch.tensor(c.rope_inv_freq(), dtype=torch.float32)
 
     def new_cache(self, batch_size: int) -> AttentionCache:
-        """No keys/values yet: [B, 0, H, D] each, in the weights' dtype and device."""
-        empty = self.q_proj.weight.new_zeros(batch_size, 0, self.n_heads, self.head_dim)
+        """No keys/values yet: [B, 0, H_kv, D] each, in the weights' dtype and device."""
+        empty = self.q_proj.weight.new_zeros(batch_size, 0, self.n_kv_heads, self.head_dim)
         return AttentionCache(past_k=empty, past_v=empty, cur_k=empty, cur_v=empty)
 
     def forward(self, x, past_k, past_v, start: int):
-        """x [B, T, d] at window positions start..start+T-1; past_k/v [B, P, H, D] just before them.
+        """x [B, T, d] at window positions start..start+T-1; past_k/v [B, P, H_kv, D] just before them.
 
-        Returns (out [B, T, d], k, v) with k, v [B, T, H, D] the new tokens' unrotated keys/values.
+        Returns (out [B, T, d], k, v) with k, v [B, T, H_kv, D] the new tokens' unrotated keys/values.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim)
-        keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)  # (B, P+T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)  # (B, P+T, H_kv, D)
         P = past_k.shape[1]
         k_pos = torch.arange(start - P, start + T, device=x.device)
         q_pos = k_pos[P:]
-        q_rot = rotary(q, q_pos, self.theta).transpose(1, 2)  # (B, H, T, D)
-        k_rot = rotary(keys, k_pos, self.theta).transpose(1, 2)  # (B, H, P+T, D)
+        if self._inv_freq.device != x.device:
+            self._inv_freq = self._inv_freq.to(x.device)
+        q_rot = rotary(q, q_pos, self._inv_freq).transpose(1, 2)  # (B, H, T, D)
+        k_rot = rotary(keys, k_pos, self._inv_freq).transpose(1, 2)  # (B, H_kv, P+T, D)
         # Each query sees itself and the L-1 tokens before it (the window), never the future.
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
-        out = F.scaled_dot_product_attention(q_rot, k_rot, values.transpose(1, 2), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q_rot, k_rot, values.transpose(1, 2), attn_mask=mask,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.o_proj(out), k, v
 
@@ -178,7 +192,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """h = h + mixer(norm1(h)); h = h + mlp(norm2(h)). The mixer is `attn` (A) or `ssm` (S)."""
+    """h = h + mixer(norm1(h)); h = h + mlp(norm2(h)). The mixer is `attn` (A) or `ssm` (S).
+
+    SSM blocks of a config with ssm_mlp=False have no MLP and no norm2 (the blocks a retrofit inserts).
+    """
 
     def __init__(self, config: ModelConfig, kind: str):
         super().__init__()
@@ -188,8 +205,10 @@ class Block(nn.Module):
             self.attn = Attention(config)
         else:
             self.ssm = SSMMixer(config)
-        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config)
+        self.has_mlp = config.has_mlp(kind)
+        if self.has_mlp:
+            self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+            self.mlp = MLP(config)
 
     def new_cache(self, batch_size: int):
         """This block's empty cache (common.sleep): the mixer decides its kind."""
@@ -203,4 +222,6 @@ class Block(nn.Module):
         mixer = self.attn if self.kind == "A" else self.ssm
         out, *extras = mixer(self.norm1(h), *cache)
         h = h + out
-        return h + self.mlp(self.norm2(h)), extras
+        if self.has_mlp:
+            h = h + self.mlp(self.norm2(h))
+        return h, extras

@@ -32,6 +32,11 @@ CASES = {
     "hard-N3-loop1:3": dict(eviction="hard", sleep_layers=[1, 3]),
     "sliding-N3-loop2:4": dict(eviction="sliding", sleep_layers=[2, 4]),
     "hebbian-untied-noconv": dict(eviction="sliding", ssm_rule="hebbian", tie_embeddings=False, conv_size=0),
+    # SPEC section 7 (retrofit) blocks: GQA, q/k/v biases, q/k norm, llama3 rope, MLP-free SSM blocks.
+    "gqa-bias-qknorm-llama3-nomlp": dict(eviction="sliding", pattern="AASA", n_heads=4, n_kv_heads=2,
+                                         attn_bias=True, qk_norm=True, rope_type="llama3", rope_factor=8.0,
+                                         rope_original_max_positions=16, ssm_mlp=False),
+    "linear-rope-sleep-loop1:3": dict(rope_type="linear", rope_factor=4.0, sleep_layers=[1, 3], ssm_mlp=False),
 }
 
 
