@@ -1,14 +1,20 @@
-"""Framework-free pieces of training that both backends share (SPEC sections 3, 5, 6).
+"""Framework-free training: the loop, its bookkeeping and everything both backends must agree on
+(SPEC sections 3, 5, 6).
 
-sleep_torch/train.py and sleep_mlx/train.py hold the loops; this file fixes everything that must
-be identical between them, so that a run means the same thing on either backend:
+sleep_torch/train.py and sleep_mlx/train.py hold only framework code: the model, the optimizers,
+one optimizer step (`train_step`), evaluation and the tensors of a checkpoint. This file holds the
+rest, once, so that a run means the same thing on either backend:
 
-- which parameters Muon trains and which AdamW trains (`is_muon_param`),
+- the loop (`run_loop`: data of each step, log / eval / checkpoint cadence, NaN stop, summary),
+  its checks (`prepare_run`) and the resume block (`resume_state`),
+- which parameters Muon trains and which AdamW trains (`is_muon_param`, `optimizer_params`),
 - the learning-rate schedule (`lr_at`: a multiplier of each optimizer's peak lr),
-- the data of each step (`data_seed`, `EVAL_SEED`, `rank_rows`, `micro_rows`),
+- the data of each step (`data_seed`, `EVAL_SEED`, `batch_for_step`, `rank_rows`, `micro_rows`),
 - the model config a task implies (`resolve_model_config`, `check_task_config`),
 - the files of a run: metrics.jsonl (`MetricsLog`), checkpoint/trainer_state.json
-  (`trainer_state`, `read_trainer_state`, `check_resume`) and the optimizer tensor names.
+  (`trainer_state`, `read_trainer_state`, `check_resume`) and the optimizer state layout
+  (`OPTIMIZER_STATE`, `optimizer_document`, `check_optimizer_state`), which is the same in both
+  backends, so a checkpoint converts by copying (convert/) and resumes on the other backend.
 """
 
 from __future__ import annotations
@@ -18,10 +24,19 @@ import json
 import math
 import os
 import re
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from common.checkpoint import CheckpointError, atomic_file, read_json_file
+import numpy as np
+from tqdm import tqdm
+
+from common.checkpoint import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, CheckpointError, atomic_file, atomic_folder,
+                               config_document, param_shapes, read_json_file, write_json)
 from common.config import PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, parse_override, split_overrides
+from common.tasks.base import Batch
 
 # --- files of a run (out_dir/...) -----------------------------------------------------------------
 CHECKPOINT_DIR = "checkpoint"  # model folder + optimizer.safetensors + optimizer.json + trainer_state.json
@@ -31,7 +46,11 @@ TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"  # every optimizer state tensor, by name (see below)
 OPTIMIZER_JSON = "optimizer.json"  # the rest of the optimizer state: hyper-parameters and scalars
 TRAINER_FORMAT = "lm-sleep-trainer"
-TRAINER_FORMAT_VERSION = 1
+TRAINER_FORMAT_VERSION = 2  # 2: one optimizer layout for both backends (version 1 had each backend's own keys)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the message is one line."""
 
 # --- which optimizer trains which parameter ---------------------------------------------------------
 # Muon: the 2-D matrices inside the blocks (mixer projections and the MLP). AdamW: everything else
@@ -44,12 +63,24 @@ def is_muon_param(name: str) -> bool:
     return _MUON.fullmatch(name) is not None
 
 
-def optimizer_tensor_name(optimizer: str, param: str, key: str) -> str:
-    """Name of one optimizer state tensor in optimizer.safetensors, e.g. 'adamw.embed.weight.exp_avg'.
+def optimizer_params(config: ModelConfig) -> dict[str, list[str]]:
+    """{"muon": names, "adamw": names}: the parameters each optimizer trains, in canonical order."""
+    names = list(param_shapes(config))
+    return {"muon": [n for n in names if is_muon_param(n)], "adamw": [n for n in names if not is_muon_param(n)]}
 
-    Canonical parameter names make the file readable by either backend (convert/ maps the keys:
-    torch AdamW exp_avg/exp_avg_sq/step = MLX m/v/step; Muon momentum_buffer = MLX v).
-    """
+
+# --- optimizer state: one layout for both backends ------------------------------------------------
+# optimizer.safetensors holds, per trained parameter, the tensors below (float32, the parameter's
+# shape) named "{optimizer}.{parameter}.{key}"; optimizer.json holds per optimizer the number of
+# steps it has taken and the parameters it trains. Each backend maps its optimizer internals to and
+# from these names (torch AdamW exp_avg / exp_avg_sq / step, Muon momentum_buffer; MLX AdamW m / v /
+# step, Muon v), so a checkpoint converts between backends by copying. Hyper-parameters are the
+# TrainConfig's (trainer_state.json "train"); the lr is peak * lr_at(step).
+OPTIMIZER_STATE = {"muon": ("momentum",), "adamw": ("exp_avg", "exp_avg_sq")}
+
+
+def optimizer_tensor_name(optimizer: str, param: str, key: str) -> str:
+    """Name of one optimizer state tensor in optimizer.safetensors, e.g. 'adamw.embed.weight.exp_avg'."""
     return f"{optimizer}.{param}.{key}"
 
 
@@ -57,6 +88,43 @@ def split_optimizer_tensor_name(name: str) -> tuple[str, str, str]:
     optimizer, rest = name.split(".", 1)
     param, key = rest.rsplit(".", 1)
     return optimizer, param, key
+
+
+def optimizer_document(config: ModelConfig, steps: dict[str, int]) -> dict:
+    """optimizer.json: {"muon" | "adamw": {"step": steps taken, "params": [canonical names]}}."""
+    params = optimizer_params(config)
+    return {name: {"step": int(steps[name]), "params": params[name]} for name in OPTIMIZER_STATE}
+
+
+def check_optimizer_state(config: ModelConfig, shapes: dict[str, tuple[int, ...]], doc, where) -> None:
+    """Refuse optimizer state that does not fit `config` (CheckpointError naming the tensor).
+
+    shapes: optimizer tensor name -> shape (from optimizer.safetensors); doc: optimizer.json.
+    Every parameter has all its tensors once its optimizer has stepped, none before.
+    """
+    params, expected = optimizer_params(config), param_shapes(config)
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{where}: optimizer.json is not a JSON object")
+    for opt, keys in OPTIMIZER_STATE.items():
+        entry = doc.get(opt)
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int) or entry["step"] < 0:
+            raise CheckpointError(f"{where}: optimizer.json needs {{\"{opt}\": {{\"step\": n, \"params\": [...]}}}}")
+        if entry.get("params") != params[opt]:
+            raise CheckpointError(f"{where}: optimizer.json says {opt} trains other parameters than this model's")
+        needed = {optimizer_tensor_name(opt, p, k) for p in params[opt] for k in keys} if entry["step"] else set()
+        missing = sorted(needed - set(shapes))
+        if missing:
+            raise CheckpointError(f"{where}: missing optimizer tensor {missing[0]}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name, shape in shapes.items():
+        opt, param, key = split_optimizer_tensor_name(name) if name.count(".") >= 2 else (name, "", "")
+        if opt not in OPTIMIZER_STATE or key not in OPTIMIZER_STATE[opt] or param not in params[opt]:
+            raise CheckpointError(f"{where}: unexpected optimizer tensor {name}")
+        if not doc[opt]["step"]:
+            raise CheckpointError(f"{where}: optimizer tensor {name} of a {opt} that has taken no step")
+        if tuple(shape) != expected[param]:
+            raise CheckpointError(f"{where}: optimizer tensor {name} has shape {list(shape)}, "
+                                  f"the parameter's is {list(expected[param])}")
 
 
 # --- learning-rate schedule -------------------------------------------------------------------------
@@ -78,6 +146,12 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     else:  # linear
         decay = 1.0 - progress
     return tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * decay
+
+
+def scheduled_lrs(tc: TrainConfig, step: int) -> tuple[float, dict[str, float]]:
+    """(lr_at(step, tc), {"muon": lr, "adamw": lr}): what set_lr gives each optimizer at `step`."""
+    factor = lr_at(step, tc)
+    return factor, {"muon": tc.muon_lr * factor, "adamw": tc.adamw_lr * factor}
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -105,6 +179,36 @@ def micro_rows(rows: int, grad_accum: int) -> list[tuple[int, int]]:
         raise ValueError(f"TrainConfig.grad_accum={grad_accum} must divide the per-rank batch of {rows} rows")
     per = rows // grad_accum
     return [(i * per, (i + 1) * per) for i in range(grad_accum)]
+
+
+def counted_targets(batch: Batch) -> int:
+    """Targets that count in the loss: loss_mask[:, 1:] (logits[:, t] predicts tokens[:, t+1])."""
+    return int(batch.loss_mask[:, 1:].sum())
+
+
+def batch_for_step(task, tc: TrainConfig, step: int, rank: int = 0, world: int = 1) -> tuple[Batch, int]:
+    """(this rank's rows of step `step`'s global batch, counted targets in the whole global batch)."""
+    batch = task.sample(tc.batch_size, seed=data_seed(tc.seed, step))
+    count = counted_targets(batch)
+    if count == 0:
+        raise ValueError(f"the batch of step {step + 1} has no counted targets (loss_mask is all False)")
+    start, stop = rank_rows(tc.batch_size, rank, world)
+    local = Batch(batch.tokens[start:stop], batch.loss_mask[start:stop],
+                  {k: v[start:stop] for k, v in batch.meta.items()})
+    return local, count
+
+
+def evaluate_batches(task, n: int, seed: int, batch_size: int, score: Callable) -> dict:
+    """The body of sleep_*.train.evaluate: {"loss": mean counted cross-entropy, **task.score} on
+    task.sample(n, seed), `batch_size` rows at a time. score(tokens, loss_mask) runs the model on numpy
+    rows -> (float32 numpy logits, summed counted cross-entropy, counted targets)."""
+    batch = task.sample(n, seed)
+    logits, loss_sum, count = [], 0.0, 0
+    for i in range(0, n, batch_size):
+        out, s, c = score(batch.tokens[i:i + batch_size], batch.loss_mask[i:i + batch_size])
+        logits.append(out)
+        loss_sum, count = loss_sum + s, count + c
+    return {**task.score(np.concatenate(logits), batch), "loss": loss_sum / max(count, 1)}
 
 
 # --- model config from the task ---------------------------------------------------------------------
@@ -166,6 +270,25 @@ def run_from_args(args: argparse.Namespace):
     """(task, ModelConfig, TrainConfig) from train_arg_parser's parsed flags."""
     return build_run(args.task, dict(parse_override(s) for s in args.task_arg), args.preset,
                      dict(parse_override(s) for s in args.set), steps=args.steps)
+
+
+def main(train: Callable, prog: str, doc: str, argv=None, *, devices: tuple[str, ...] | None = None) -> int:
+    """`python -m sleep_{torch,mlx}.train`: parse the flags, train, print the summary as JSON (rank 0).
+    devices: the choices of a --device flag (MLX), None for none."""
+    p = train_arg_parser(prog, doc)
+    if devices:
+        p.add_argument("--device", choices=devices, help="device (default: the backend's default device)")
+    args = p.parse_args(argv)
+    try:
+        task, mc, tc = run_from_args(args)
+        summary = train(task, mc, tc, args.out, resume=args.resume, progress=not args.no_progress,
+                        max_steps=args.max_steps, **({"device": args.device} if devices else {}))
+    except (ValueError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
 
 
 def check_task_config(task, config: ModelConfig) -> None:
@@ -232,18 +355,46 @@ def write_trainer_state(folder: str | os.PathLike, doc: dict) -> None:
         tmp.write_text(text.replace('"@RNG@"', "{\n" + rng + "\n  }") + "\n")
 
 
-def read_trainer_state(folder: str | os.PathLike, backend: str) -> dict:
-    """Read checkpoint/trainer_state.json; a checkpoint of the other backend raises ValueError."""
+def read_trainer_state(folder: str | os.PathLike, backend: str | None) -> dict:
+    """Read checkpoint/trainer_state.json; a checkpoint of the other backend raises ValueError
+    (backend None: any backend's)."""
     path = Path(folder) / TRAINER_STATE_FILE
     doc = read_json_file(path, "no training checkpoint to resume from")
     if not isinstance(doc, dict) or doc.get("format") != TRAINER_FORMAT:
         raise CheckpointError(f"{path}: not an lm-sleep trainer state")
     if doc.get("format_version") != TRAINER_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {doc.get('format_version')!r} is not supported")
-    if doc.get("backend") != backend:
+        raise CheckpointError(f"{path}: format_version {doc.get('format_version')!r} is not supported (this "
+                              f"lm-sleep reads version {TRAINER_FORMAT_VERSION}: one optimizer layout for both backends)")
+    if backend is not None and doc.get("backend") != backend:
         raise ValueError(f"{folder} is a {doc.get('backend')!r} training checkpoint and this is the {backend!r} "
-                         f"trainer; convert it first (convert/) or resume with the {doc.get('backend')} backend")
+                         f"trainer; convert it first (lmsleep convert {folder} NEW_OUT/checkpoint --to {backend}, "
+                         f"then resume NEW_OUT) or resume with the {doc.get('backend')} backend")
     return doc
+
+
+def write_checkpoint(folder, backend: str, config: ModelConfig, tokenizer: dict | None, state: dict, weights: dict,
+                     opt_tensors: dict, opt_doc: dict, save_tensors: Callable) -> None:
+    """Write a training checkpoint folder atomically: config.json + model.safetensors (a model folder),
+    optimizer.safetensors, optimizer.json and trainer_state.json. Never pickle.
+    save_tensors(path, {name: array}, metadata) is the backend's safetensors writer."""
+    meta = {"format": FORMAT, "backend": backend}
+    with atomic_folder(folder, overwrite=True) as tmp:
+        save_tensors(tmp / WEIGHTS_FILE, weights, meta)
+        write_json(tmp / CONFIG_FILE, config_document(config, tokenizer))
+        save_tensors(tmp / OPTIMIZER_FILE, opt_tensors, meta)
+        write_json(tmp / OPTIMIZER_JSON, opt_doc)
+        write_trainer_state(tmp, state)
+
+
+def read_checkpoint(folder, backend: str) -> tuple[dict, dict]:
+    """(trainer_state.json, optimizer.json) of a training checkpoint of `backend`, its files checked;
+    the backend reads the weights and optimizer.safetensors itself."""
+    folder = Path(folder)
+    state = read_trainer_state(folder, backend)
+    for f in (WEIGHTS_FILE, OPTIMIZER_FILE, OPTIMIZER_JSON):
+        if not (folder / f).is_file():
+            raise CheckpointError(f"{folder / f}: missing (incomplete training checkpoint)")
+    return state, read_json_file(folder / OPTIMIZER_JSON, "optimizer state")
 
 
 def check_resume(doc: dict, model_config: ModelConfig, task) -> None:
@@ -266,8 +417,135 @@ def changed_train_fields(doc: dict, tc: TrainConfig) -> list[str]:
     return [k for k, v in tc.to_dict().items() if saved.get(k) != v]
 
 
+# --- a run -------------------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    """What one optimizer step (`sleep_*.train.train_step`) reports."""
+
+    loss: float  # mean counted cross-entropy over the global batch (before the update)
+    grad_norm: float  # global gradient norm before clipping
+    lr_factor: float  # lr_at(step): both optimizers ran at peak * lr_factor
+    fwd_bwd_s: float  # seconds until the loss was known: forward + backward of every micro-batch
+    optimizer_s: float  # seconds of clipping and both optimizer steps (asynchronous devices: until queued)
+
+
+def check_finite(what: str, value: float, step: int) -> None:
+    """TrainingError before the optimizer step when the loss or gradient norm is NaN or inf."""
+    if not math.isfinite(value):
+        raise TrainingError(f"{what} is {value} at step {step + 1}")
+
+
+def prepare_run(task, model_config: ModelConfig | str, tc: TrainConfig, out_dir, *, resume: bool,
+                model=None) -> ModelConfig:
+    """The checks of train() before anything is built; returns the ModelConfig to train."""
+    mc = resolve_model_config(task, model_config, {}) if isinstance(model_config, str) else model_config
+    check_task_config(task, mc)
+    if model is not None and model.config != mc:
+        raise ValueError("train(model=...): model.config differs from model_config")
+    if tc.dtype == "float16":
+        raise ValueError("TrainConfig.dtype='float16' is not supported for training (no loss scaling); "
+                         "use 'bfloat16' or 'float32'")
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
+    if not resume and ckpt_dir.exists():
+        raise ValueError(f"{ckpt_dir} already exists; pass resume=True (--resume) to continue it "
+                         "or choose another output folder")
+    return mc
+
+
+def resume_state(out_dir, backend: str, mc: ModelConfig, task, tc: TrainConfig, *, announce: bool = True) -> dict:
+    """trainer_state.json of out_dir/checkpoint, checked against this run; prints the resume line.
+
+    A checkpoint converted from the other backend (convert/, "converted_from") resumes exactly but
+    for the RNG: torch and MLX generators cannot take each other's state, so this backend's starts
+    from TrainConfig.seed (training draws no random numbers today, so the losses do not change).
+    """
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
+    state = read_trainer_state(ckpt_dir, backend)
+    check_resume(state, mc, task)
+    changed = changed_train_fields(state, tc)
+    if announce:
+        if changed:
+            print(f"warning: resuming with changed TrainConfig fields {changed}; the run will not match "
+                  "an uninterrupted one", file=sys.stderr)
+        line = f"resuming {ckpt_dir} at step {state['step']} of {tc.steps} (data position {state['step']})"
+        source = state.get("converted_from")
+        if source and source != backend:
+            line += (f"; converted from {source}: weights, optimizer state, schedule and data position carry "
+                     f"over, the {source} RNG state does not ({backend}'s generator starts from seed {tc.seed})")
+        print(line, file=sys.stderr)
+    return state
+
+
+def run_loop(task, mc: ModelConfig, tc: TrainConfig, out_dir, *, backend: str,
+             step: Callable[[int, Batch, int], StepResult], evaluate: Callable[[], dict],
+             save_checkpoint: Callable, save_model: Callable, rng: Callable[[], dict], start: dict | None = None,
+             rank: int = 0, world: int = 1, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Algorithm 1's outer loop, the same for both backends; the backend brings the framework parts.
+
+    step(s, batch, global_count): one optimizer step on this rank's rows of step s's batch (train_step);
+    evaluate(): the eval scores; save_checkpoint(folder, trainer_state, tokenizer=) and
+    save_model(folder, tokenizer=, task=): the backend's writers; rng(): generator states;
+    start: trainer_state.json to resume from (model and optimizers already loaded).
+    Files are written by rank 0 only. Returns the summary that train() returns.
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir, model_dir = out_dir / CHECKPOINT_DIR, out_dir / MODEL_DIR
+    first, last = rank_rows(tc.batch_size, rank, world)
+    micro_rows(last - first, tc.grad_accum)  # refuse a batch that does not split before writing anything
+    end = min(tc.steps, max_steps) if max_steps is not None else tc.steps
+    s, elapsed_before, loss, last_eval = 0, 0.0, float("nan"), {}
+    if start is not None:
+        s, elapsed_before = start["step"], start["elapsed"]
+        loss, last_eval = start["metrics"].get("loss", loss), start["metrics"].get("eval", {})
+    lead, tokenizer = rank == 0, task.tokenizer.to_dict()
+    log = MetricsLog(out_dir / METRICS_FILE, s if start is not None else None) if lead else None
+    start_step, t_start = s, time.perf_counter()
+    t_log, tokens_since_log = t_start, 0
+    with tqdm(total=end, initial=s, desc="train", disable=not progress or not lead, dynamic_ncols=True) as bar:
+        while s < end:
+            batch, global_count = batch_for_step(task, tc, s, rank, world)
+            try:
+                result = step(s, batch, global_count)
+            except TrainingError as e:  # before the update: what is on disk is the last good state
+                raise TrainingError(f"{e}; last good checkpoint: {ckpt_dir if ckpt_dir.exists() else 'none'}") from None
+            s, loss = s + 1, result.loss
+            tokens_since_log += batch.tokens.size * world
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if not lead:
+                continue
+            evaluate_now = bool(tc.eval_interval) and (s % tc.eval_interval == 0 or s == end)
+            if evaluate_now:
+                last_eval = evaluate()
+            if s % tc.log_interval == 0 or evaluate_now or s == end:
+                now = time.perf_counter()
+                record = {"step": s, "loss": loss, "lr": tc.muon_lr * result.lr_factor,
+                          "lr_adamw": tc.adamw_lr * result.lr_factor, "grad_norm": result.grad_norm,
+                          "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
+                          "elapsed": elapsed_before + now - t_start}
+                if evaluate_now:
+                    record.update({f"eval_{k}": v for k, v in last_eval.items()})
+                log.write(record)
+                t_log, tokens_since_log = now, 0
+            if (tc.save_interval and s % tc.save_interval == 0) or s == end:
+                doc = trainer_state(backend=backend, step=s, model_config=mc, train_config=tc, task=task, rng=rng(),
+                                    elapsed=elapsed_before + time.perf_counter() - t_start,
+                                    metrics={"loss": loss, "eval": last_eval})
+                save_checkpoint(ckpt_dir, doc, tokenizer=tokenizer)
+                save_model(model_dir, tokenizer=tokenizer, task={"name": task.name, "params": task.params})
+    wall = time.perf_counter() - t_start
+    done_tokens = (s - start_step) * tc.batch_size * (task.seq_len or 0)
+    return {"step": s, "loss": loss, "eval": last_eval, "tokens_per_s": done_tokens / max(wall, 1e-9),
+            "wall_time": wall, "elapsed": elapsed_before + wall, "out_dir": str(out_dir),
+            "checkpoint": str(ckpt_dir), "model": str(model_dir)}
+
+
 __all__ = ["CHECKPOINT_DIR", "MODEL_DIR", "METRICS_FILE", "TRAINER_STATE_FILE", "OPTIMIZER_FILE",
-           "OPTIMIZER_JSON", "EVAL_SEED", "is_muon_param", "optimizer_tensor_name",
-           "split_optimizer_tensor_name", "lr_at", "data_seed", "rank_rows", "micro_rows",
-           "resolve_model_config", "check_task_config", "MetricsLog", "read_metrics", "trainer_state",
-           "write_trainer_state", "read_trainer_state", "check_resume", "changed_train_fields"]
+           "OPTIMIZER_JSON", "EVAL_SEED", "OPTIMIZER_STATE", "TrainingError", "StepResult", "is_muon_param",
+           "optimizer_params", "optimizer_tensor_name", "split_optimizer_tensor_name", "optimizer_document",
+           "check_optimizer_state", "lr_at", "data_seed", "rank_rows", "micro_rows", "counted_targets",
+           "batch_for_step", "resolve_model_config", "check_task_config", "MetricsLog", "read_metrics",
+           "trainer_state", "write_trainer_state", "read_trainer_state", "check_resume", "changed_train_fields",
+           "check_finite", "prepare_run", "resume_state", "run_loop", "scheduled_lrs", "evaluate_batches", "main",
+           "write_checkpoint", "read_checkpoint"]

@@ -16,15 +16,16 @@ and differentiates through all of them; each micro-batch's summed float32 cross-
 by 1 / (counted targets of the global batch) and the gradient trees are added up, so the result is
 the gradient of the mean over the global batch. Then: global grad-norm clipping, the lr schedule
 (common.training.lr_at), Muon on the block matrices and AdamW on the rest (mlx.optimizers, with the
-torch trainer's decoupled weight decay). Files under out_dir: metrics.jsonl, checkpoint/ (resumable,
-exact) and model/, in the torch trainer's layout. One device, no distributed training (mx.distributed
-is out of scope: use sleep_torch.train under torchrun). docs/TRAINING.md explains all.
+torch trainer's decoupled weight decay): `train_step`, which `lmsleep bench train` times too. Files
+under out_dir: metrics.jsonl, checkpoint/ (resumable, exact; the torch trainer's layout, optimizer
+state included, so convert/ makes it resumable by torch) and model/. One device, no distributed
+training (mx.distributed is out of scope: use sleep_torch.train under torchrun). This file holds the
+framework code only; the loop and its bookkeeping are common/training.py's. docs/TRAINING.md explains all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -36,22 +37,19 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
-from tqdm import tqdm
 
 from common import checkpoint as ckpt
 from common import training as tr
 from common.config import ModelConfig, TrainConfig
 from common.tasks import Batch
-from common.training import lr_at  # noqa: F401  (the schedule both backends share; public here too)
+from common.training import TrainingError, lr_at  # noqa: F401  (shared by both backends; public here too)
 from sleep_mlx.io import read_tensors, save
 from sleep_mlx.model import HybridLM
 
 BACKEND = "mlx"
-OPTIMIZER_SCALARS = ("step", "learning_rate")  # optimizer-wide MLX state: kept in optimizer.json
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss or gradient); the message is one line."""
+# shared optimizer-state key (common.training.OPTIMIZER_STATE) -> this backend's state key
+STATE_KEYS = {"muon": {"momentum": "v"}, "adamw": {"exp_avg": "m", "exp_avg_sq": "v"}}
+COMPUTE_DTYPES = {"float32": None, "bfloat16": mx.bfloat16}  # TrainConfig.dtype -> compute dtype
 
 
 # --- optimizers ---------------------------------------------------------------------------------------
@@ -93,10 +91,9 @@ def build_optimizers(model: HybridLM, tc: TrainConfig) -> dict[str, optim.Optimi
 
 def set_lr(optimizers: dict, tc: TrainConfig, step: int) -> float:
     """Apply the schedule of optimizer step `step` to both optimizers; returns the multiplier."""
-    factor = lr_at(step, tc)
-    peaks = {"muon": tc.muon_lr, "adamw": tc.adamw_lr}
+    factor, lrs = tr.scheduled_lrs(tc, step)
     for name, opt in optimizers.items():
-        opt.learning_rate = peaks[name] * factor
+        opt.learning_rate = lrs[name]
     return factor
 
 
@@ -130,31 +127,17 @@ def masked_loss(logits, tokens, loss_mask):
     return mx.where(target_mask, ce, 0.0).sum(), int(target_mask.sum().item())
 
 
-def batch_for_step(task, tc: TrainConfig, step: int, rank: int = 0, world: int = 1):
-    """(this rank's rows of step `step`'s global batch, counted targets in the whole global batch)."""
-    batch = task.sample(tc.batch_size, seed=tr.data_seed(tc.seed, step))
-    global_count = int(batch.loss_mask[:, 1:].sum())
-    start, stop = tr.rank_rows(tc.batch_size, rank, world)
-    local = Batch(batch.tokens[start:stop], batch.loss_mask[start:stop],
-                  {k: v[start:stop] for k, v in batch.meta.items()})
-    return local, global_count
-
-
 def evaluate(model: HybridLM, task, n: int, seed: int = tr.EVAL_SEED, *, passes: int | None = None,
              batch_size: int = 64, autocast=contextlib.nullcontext) -> dict:
     """Score the model on task.sample(n, seed): {"loss": mean counted cross-entropy, **task.score}."""
-    batch = task.sample(n, seed)
-    tokens = mx.array(batch.tokens, dtype=mx.int32)
-    mask = mx.array(batch.loss_mask)
-    logits, loss_sum, count = [], 0.0, 0
-    for i in range(0, n, batch_size):
+    def score(tokens, loss_mask):
+        tokens, mask = mx.array(tokens, dtype=mx.int32), mx.array(loss_mask)
         with autocast():
-            out = model(tokens[i:i + batch_size], passes)
-        s, c = masked_loss(out, tokens[i:i + batch_size], mask[i:i + batch_size])
-        loss_sum, count = loss_sum + s.item(), count + c
-        logits.append(np.array(out.astype(mx.float32)))
-    scores = task.score(np.concatenate(logits), batch)
-    return {**scores, "loss": loss_sum / max(count, 1)}
+            out = model(tokens, passes)
+        s, c = masked_loss(out, tokens, mask)
+        return np.array(out.astype(mx.float32)), s.item(), c
+
+    return tr.evaluate_batches(task, n, seed, batch_size, score)
 
 
 # --- compute dtype -------------------------------------------------------------------------------------
@@ -180,48 +163,76 @@ def compute_dtype(model: HybridLM, dtype=None):
         model.update(master)
 
 
+# --- one optimizer step --------------------------------------------------------------------------------
+
+def train_step(model, optimizers: dict, batch: Batch, tc: TrainConfig, step: int, *,
+               global_count: int | None = None) -> tr.StepResult:
+    """One optimizer step (0-based `step`) on `batch` (numpy rows).
+
+    lr of the step (lr_at), value_and_grad of every micro-batch (tc.grad_accum of them) with the
+    gradient trees added up, summed loss over the global batch's `global_count` counted targets
+    (default: the batch's own), NaN check, global grad-norm clipping, Muon and AdamW. `model`: a
+    HybridLM (one device). Raises TrainingError before the update when the loss or the gradient
+    norm is not finite.
+    """
+    factor = set_lr(optimizers, tc, step)
+    count = tr.counted_targets(batch) if global_count is None else global_count
+    weight = 1.0 / count
+    t0 = time.perf_counter()
+    tokens = mx.array(batch.tokens, dtype=mx.int32)
+    mask = mx.array(batch.loss_mask)
+
+    def loss_fn(tokens, mask):
+        with compute_dtype(model, COMPUTE_DTYPES[tc.dtype]):  # inside: the casts are part of the graph
+            logits = model(tokens)
+        s, _ = masked_loss(logits, tokens, mask)
+        return s * weight, s
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_sum, grads = mx.zeros(()), None
+    for a, b in tr.micro_rows(len(batch.tokens), tc.grad_accum):
+        (_, s), g = loss_and_grad(tokens[a:b], mask[a:b])
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss_sum = loss_sum + s
+        mx.eval(grads, loss_sum)  # one micro-batch's graph at a time
+    loss = loss_sum.item() / count  # waits for the last micro-batch
+    t1 = time.perf_counter()
+    tr.check_finite("loss", loss, step)
+    grads, norm = optim.clip_grad_norm(grads, tc.grad_clip or math.inf)
+    grad_norm = norm.item()
+    tr.check_finite("gradient norm", grad_norm, step)
+    optimizer_step(model, optimizers, grads)
+    mx.eval(model.parameters(), [opt.state for opt in optimizers.values()])
+    return tr.StepResult(loss, grad_norm, factor, t1 - t0, time.perf_counter() - t1)
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 def optimizer_state(model: HybridLM, optimizers: dict) -> tuple[dict[str, mx.array], dict]:
-    """Flatten optimizer states -> ({canonical tensor name: array}, JSON of groups and scalars).
-
-    Tensors keep MLX's keys (AdamW m, v; Muon v), e.g. adamw.embed.weight.m; the step count is one per
-    optimizer in MLX (torch: one per parameter), so it goes to optimizer.json with the hyper-parameters.
-    """
-    tensors, doc = {}, {}
+    """The optimizers' state in the layout both backends share (common.training.OPTIMIZER_STATE):
+    ({"adamw.{param}.exp_avg" | ".exp_avg_sq" | "muon.{param}.momentum": array}, optimizer.json).
+    MLX counts steps per optimizer (torch: per parameter); optimizer.json holds that count."""
+    tensors, steps = {}, {}
     for opt_name, opt in optimizers.items():
-        for key, value in tree_flatten(opt.state):
-            if key not in OPTIMIZER_SCALARS:
-                param, k = key.rsplit(".", 1)
-                tensors[tr.optimizer_tensor_name(opt_name, param, k)] = value
-        if isinstance(opt, Muon):
-            group = dict(momentum=opt.momentum, nesterov=opt.nesterov, ns_steps=opt.ns_steps,
-                         weight_decay=opt.decoupled_weight_decay)
-        else:
-            group = dict(betas=list(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
-                         bias_correction=opt.bias_correction)
-        group = {"lr": opt.learning_rate.item(), **group}
-        doc[opt_name] = {"param_groups": [{**group, "params": _param_names(model, opt_name)}],
-                         "step": int(opt.step.item())}
-    return tensors, doc
+        state = dict(tree_flatten(opt.state))
+        for name in _param_names(model, opt_name):
+            for key, own in STATE_KEYS[opt_name].items():
+                if f"{name}.{own}" in state:
+                    tensors[tr.optimizer_tensor_name(opt_name, name, key)] = state[f"{name}.{own}"]
+        steps[opt_name] = int(opt.step.item())
+    return tensors, tr.optimizer_document(model.config, steps)
 
 
 def load_optimizer_state(model: HybridLM, optimizers: dict, tensors: dict, doc: dict) -> None:
-    """Inverse of optimizer_state: rebuild each optimizer's state tree by parameter name."""
+    """Inverse of optimizer_state (checked with common.training.check_optimizer_state first)."""
+    tr.check_optimizer_state(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, doc, tr.OPTIMIZER_FILE)
     for opt_name, opt in optimizers.items():
-        if opt_name not in doc:
-            raise ckpt.CheckpointError(f"optimizer state has no {opt_name!r} entry")
-        own = set(_param_names(model, opt_name))
-        items = []
-        for name, t in tensors.items():
-            owner, param, key = tr.split_optimizer_tensor_name(name)
-            if owner == opt_name:
-                if param not in own:
-                    raise ckpt.CheckpointError(f"optimizer tensor {name}: {param} is not trained by {opt_name}")
-                items.append((f"{param}.{key}", t))
+        step = doc[opt_name]["step"]
+        items = [(f"{name}.{own}", tensors[tr.optimizer_tensor_name(opt_name, name, key)])
+                 for name in (doc[opt_name]["params"] if step else []) for key, own in STATE_KEYS[opt_name].items()]
         state = tree_unflatten(items) if items else {}
-        state["step"] = mx.array(doc[opt_name]["step"], dtype=mx.uint64)
-        state["learning_rate"] = mx.array(doc[opt_name]["param_groups"][0]["lr"], dtype=mx.float32)
+        state["step"] = mx.array(step, dtype=mx.uint64)
+        state["learning_rate"] = opt.learning_rate  # set again by set_lr before every step
         opt.state = state  # filled in for any missing parameter on the next update
 
 
@@ -231,37 +242,28 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore rng_state(); a converted torch checkpoint has none (the key stays as seeded)."""
+    if "mlx" not in state:
+        return
     key = mx.random.state[0]
     key[...] = mx.array(state["mlx"], dtype=key.dtype)  # in place: mx.random.state has no setter
 
 
 def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, tokenizer: dict | None = None) -> None:
-    """Write folder/ atomically: a model folder (config.json + model.safetensors) plus
-    optimizer.safetensors, optimizer.json and trainer_state.json. Never pickle."""
+    """Write a training checkpoint folder (common.training.write_checkpoint) from model and optimizers."""
     params = dict(tree_flatten(model.parameters()))
     weights = {n: params[n] for n in ckpt.param_shapes(model.config)}  # canonical order, like torch
     opt_tensors, opt_doc = optimizer_state(model, optimizers)
-    meta = {"format": ckpt.FORMAT, "backend": BACKEND}
-    with ckpt.atomic_folder(folder, overwrite=True) as tmp:
-        mx.save_safetensors(str(tmp / ckpt.WEIGHTS_FILE), weights, metadata=meta)
-        ckpt.write_json(tmp / ckpt.CONFIG_FILE, ckpt.config_document(model.config, tokenizer))
-        mx.save_safetensors(str(tmp / tr.OPTIMIZER_FILE), opt_tensors, metadata=meta)
-        ckpt.write_json(tmp / tr.OPTIMIZER_JSON, opt_doc)
-        tr.write_trainer_state(tmp, state)
+    tr.write_checkpoint(folder, BACKEND, model.config, tokenizer, state, weights, opt_tensors, opt_doc,
+                        lambda path, arrays, meta: mx.save_safetensors(str(path), arrays, metadata=meta))
 
 
 def load_checkpoint(folder, model: HybridLM, optimizers: dict) -> dict:
-    """Load weights and optimizer state from a checkpoint folder into model/optimizers in place;
-    returns trainer_state.json (ValueError for another backend's checkpoint)."""
-    folder = Path(folder)
-    state = tr.read_trainer_state(folder, BACKEND)
-    _, weights = read_tensors(folder)
-    model.load_arrays(weights)
-    for f in (tr.OPTIMIZER_FILE, tr.OPTIMIZER_JSON):
-        if not (folder / f).is_file():
-            raise ckpt.CheckpointError(f"{folder / f}: missing (incomplete training checkpoint)")
-    tensors = mx.load(str(folder / tr.OPTIMIZER_FILE))
-    load_optimizer_state(model, optimizers, tensors, json.loads((folder / tr.OPTIMIZER_JSON).read_text()))
+    """Load a training checkpoint into model and optimizers in place; returns trainer_state.json
+    (ValueError for another backend's checkpoint: convert/ converts it)."""
+    state, opt_doc = tr.read_checkpoint(folder, BACKEND)
+    model.load_arrays(read_tensors(folder)[1])
+    load_optimizer_state(model, optimizers, mx.load(str(Path(folder) / tr.OPTIMIZER_FILE)), opt_doc)
     return state
 
 
@@ -270,30 +272,13 @@ def load_checkpoint(folder, model: HybridLM, optimizers: dict) -> dict:
 def train(task, model_config: ModelConfig | str, train_config: TrainConfig, out_dir, *, resume: bool = False,
           progress: bool = True, max_steps: int | None = None, model: HybridLM | None = None,
           device=None) -> dict:
-    """Train on `task` (Algorithm 1) and write out_dir/{metrics.jsonl, checkpoint/, model/}.
-
-    model_config: a ModelConfig that agrees with the task's vocab_size and window, or a preset name
-    (then the task's values are used). resume: continue out_dir/checkpoint exactly. max_steps: stop
-    after that many optimizer steps in total without changing the schedule (which spans tc.steps).
-    model: start from these weights instead of a fresh init (trained in place, as float32).
-    device: None (MLX's default device), "cpu" or "gpu". Single device only.
-    Returns {"step", "loss", "eval", "tokens_per_s", "wall_time", "elapsed", paths}.
-    """
+    """sleep_torch.train.train with MLX: the same arguments, files and numbers (see there), on one
+    device: `device` None (MLX's default device), "cpu" or "gpu"; `model` is trained in place as float32."""
     tc = train_config
-    mc = tr.resolve_model_config(task, model_config, {}) if isinstance(model_config, str) else model_config
-    tr.check_task_config(task, mc)
-    if model is not None and model.config != mc:
-        raise ValueError("train(model=...): model.config differs from model_config")
-    if tc.dtype == "float16":
-        raise ValueError("TrainConfig.dtype='float16' is not supported for training (no loss scaling); "
-                         "use 'bfloat16' or 'float32'")
+    mc = tr.prepare_run(task, model_config, tc, out_dir, resume=resume, model=model)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("sleep_mlx.train runs on one device; for distributed training use sleep_torch.train "
                          "under torchrun")
-    ckpt_dir = Path(out_dir) / tr.CHECKPOINT_DIR
-    if not resume and ckpt_dir.exists():
-        raise ValueError(f"{ckpt_dir} already exists; pass resume=True (--resume) to continue it "
-                         "or choose another output folder")
     if device is not None and (device not in ("cpu", "gpu") or not mx.is_available(getattr(mx, device))):
         raise ValueError(f"device must be None, 'cpu' or 'gpu' (an available MLX device), got {device!r}")
     where = mx.stream(getattr(mx, device)) if device is not None else contextlib.nullcontext()
@@ -303,118 +288,31 @@ def train(task, model_config: ModelConfig | str, train_config: TrainConfig, out_
 
 
 def _train(task, mc: ModelConfig, tc: TrainConfig, out_dir: Path, *, resume, progress, max_steps, model) -> dict:
-    ckpt_dir, model_dir = out_dir / tr.CHECKPOINT_DIR, out_dir / tr.MODEL_DIR
-    micro = tr.micro_rows(tc.batch_size, tc.grad_accum)  # [start, stop) of each micro-batch
-    end = min(tc.steps, max_steps) if max_steps is not None else tc.steps
-
     mx.random.seed(tc.seed)
     model = model if model is not None else HybridLM(mc, seed=tc.seed)
     model.set_dtype(mx.float32)  # master weights; bf16 is a compute dtype only (compute_dtype above)
     model.checkpoint_windows = tc.checkpoint_windows
     model.set_scan_impl(tc.scan_impl)
     optimizers = build_optimizers(model, tc)
-
-    step, elapsed_before, loss, last_eval = 0, 0.0, float("nan"), {}
+    start = None
     if resume:
-        state = tr.read_trainer_state(ckpt_dir, BACKEND)
-        tr.check_resume(state, mc, task)
-        changed = tr.changed_train_fields(state, tc)
-        if changed:
-            print(f"warning: resuming with changed TrainConfig fields {changed}; the run will not match "
-                  "an uninterrupted one", file=sys.stderr)
-        load_checkpoint(ckpt_dir, model, optimizers)
-        set_rng_state(state["rng"])
-        step, elapsed_before = state["step"], state["elapsed"]
-        loss, last_eval = state["metrics"].get("loss", loss), state["metrics"].get("eval", {})
-    dtype = mx.bfloat16 if tc.dtype == "bfloat16" else None
-    autocast = lambda: compute_dtype(model, dtype)  # noqa: E731
-    tokenizer = task.tokenizer.to_dict()
-    log = tr.MetricsLog(out_dir / tr.METRICS_FILE, step if resume else None)
+        start = tr.resume_state(out_dir, BACKEND, mc, task, tc)
+        load_checkpoint(out_dir / tr.CHECKPOINT_DIR, model, optimizers)
+        set_rng_state(start["rng"])
     eval_batch = max(tc.batch_size // tc.grad_accum, 1)
-
-    def loss_fn(tokens, mask, weight):
-        with autocast():  # inside the differentiated function: the casts are part of the graph
-            logits = model(tokens)
-        s, _ = masked_loss(logits, tokens, mask)
-        return s * weight, s
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-
-    def checkpoint_now(elapsed):
-        doc = tr.trainer_state(backend=BACKEND, step=step, model_config=mc, train_config=tc, task=task,
-                               rng=rng_state(), elapsed=elapsed, metrics={"loss": loss, "eval": last_eval})
-        save_checkpoint(ckpt_dir, model, optimizers, doc, tokenizer=tokenizer)
-        save(model, model_dir, overwrite=True, tokenizer=tokenizer, task={"name": task.name, "params": task.params})
-
-    start_step, t_start = step, time.perf_counter()
-    t_log, tokens_since_log = t_start, 0
-    with tqdm(total=end, initial=step, desc="train", disable=not progress, dynamic_ncols=True) as bar:
-        while step < end:
-            factor = set_lr(optimizers, tc, step)
-            batch, global_count = batch_for_step(task, tc, step)
-            if global_count == 0:
-                raise ValueError(f"the batch of step {step + 1} has no counted targets (loss_mask is all False)")
-            tokens = mx.array(batch.tokens, dtype=mx.int32)
-            mask = mx.array(batch.loss_mask)
-            loss_sum, grads = mx.zeros(()), None
-            for a, b in micro:
-                (_, s), g = loss_and_grad(tokens[a:b], mask[a:b], 1.0 / global_count)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                loss_sum = loss_sum + s
-                mx.eval(grads, loss_sum)  # one micro-batch's graph at a time
-            loss = loss_sum.item() / global_count
-            last_good = str(ckpt_dir) if ckpt_dir.exists() else "none"
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {step + 1}; last good checkpoint: {last_good}")
-            grads, norm = optim.clip_grad_norm(grads, tc.grad_clip or math.inf)
-            grad_norm = norm.item()
-            if not math.isfinite(grad_norm):
-                raise TrainingError(f"gradient norm is {grad_norm} at step {step + 1}; "
-                                    f"last good checkpoint: {last_good}")
-            optimizer_step(model, optimizers, grads)
-            mx.eval(model.parameters(), [opt.state for opt in optimizers.values()])
-            step += 1
-            tokens_since_log += batch.tokens.size
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-
-            evaluate_now = tc.eval_interval and (step % tc.eval_interval == 0 or step == end)
-            if evaluate_now:
-                last_eval = evaluate(model, task, tc.eval_samples, passes=None, batch_size=eval_batch,
-                                     autocast=autocast)
-            if step % tc.log_interval == 0 or evaluate_now or step == end:
-                now = time.perf_counter()
-                record = {"step": step, "loss": loss, "lr": tc.muon_lr * factor, "lr_adamw": tc.adamw_lr * factor,
-                          "grad_norm": grad_norm, "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
-                          "elapsed": elapsed_before + now - t_start}
-                if evaluate_now:
-                    record.update({f"eval_{k}": v for k, v in last_eval.items()})
-                log.write(record)
-                t_log, tokens_since_log = now, 0
-            if (tc.save_interval and step % tc.save_interval == 0) or step == end:
-                checkpoint_now(elapsed_before + time.perf_counter() - t_start)
-    wall = time.perf_counter() - t_start
-    done_tokens = (step - start_step) * tc.batch_size * (task.seq_len or 0)
-    return {"step": step, "loss": loss, "eval": last_eval, "tokens_per_s": done_tokens / max(wall, 1e-9),
-            "wall_time": wall, "elapsed": elapsed_before + wall, "out_dir": str(out_dir),
-            "checkpoint": str(ckpt_dir), "model": str(model_dir)}
+    return tr.run_loop(
+        task, mc, tc, out_dir, backend=BACKEND, start=start, progress=progress, max_steps=max_steps,
+        step=lambda s, batch, count: train_step(model, optimizers, batch, tc, s, global_count=count),
+        evaluate=lambda: evaluate(model, task, tc.eval_samples, batch_size=eval_batch,
+                                  autocast=lambda: compute_dtype(model, COMPUTE_DTYPES[tc.dtype])),
+        save_checkpoint=lambda folder, doc, **files: save_checkpoint(folder, model, optimizers, doc, **files),
+        save_model=lambda folder, **files: save(model, folder, overwrite=True, **files), rng=rng_state)
 
 
 # --- command line (the click CLI comes on top) -----------------------------------------------------
 
 def main(argv=None) -> int:
-    p = tr.train_arg_parser("python -m sleep_mlx.train", __doc__)
-    p.add_argument("--device", choices=("cpu", "gpu"), help="MLX device (default: MLX's default device)")
-    args = p.parse_args(argv)
-    try:
-        task, mc, tc = tr.run_from_args(args)
-        summary = train(task, mc, tc, args.out, resume=args.resume, progress=not args.no_progress,
-                        max_steps=args.max_steps, device=args.device)
-    except (ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    return tr.main(train, "python -m sleep_mlx.train", __doc__, argv, devices=("cpu", "gpu"))
 
 
 if __name__ == "__main__":

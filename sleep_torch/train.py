@@ -15,40 +15,36 @@ runs every window and every sleep pass (model.forward) and backpropagates throug
 loss is the mean cross-entropy (float32) over all counted targets of the global batch, so each
 micro-batch's summed loss is weighted by 1 / (counted targets of the global batch). Then: global
 grad-norm clipping, the lr schedule (common.training.lr_at), Muon on the block matrices and AdamW
-on the rest. Files under out_dir: metrics.jsonl, checkpoint/ (resumable, exact) and model/.
-The pieces both backends must agree on live in common/training.py; docs/TRAINING.md explains all.
+on the rest (`train_step`, which `lmsleep bench train` times too). Files under out_dir: metrics.jsonl,
+checkpoint/ (resumable, exact; convert/ makes it resumable by the MLX trainer) and model/.
+This file holds the framework code only; the loop and its bookkeeping (data of each step, cadence,
+resume, files) are common/training.py's, shared with sleep_mlx/train.py. docs/TRAINING.md explains all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from common import checkpoint as ckpt
 from common import training as tr
 from common.config import ModelConfig, TrainConfig
 from common.tasks import Batch
-from common.training import lr_at  # noqa: F401  (the schedule both backends share; public here too)
+from common.training import TrainingError, lr_at  # noqa: F401  (shared by both backends; public here too)
 from sleep_torch.io import read_tensors, save
 from sleep_torch.model import HybridLM
 
 BACKEND = "torch"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss or gradient); the message is one line."""
+# shared optimizer-state key (common.training.OPTIMIZER_STATE) -> this backend's state key
+STATE_KEYS = {"muon": {"momentum": "momentum_buffer"}, "adamw": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}}
+COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # TrainConfig.dtype -> autocast dtype
 
 
 # --- Muon ---------------------------------------------------------------------------------------------
@@ -105,7 +101,8 @@ class Muon(torch.optim.Optimizer):
                 g = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
+                    state["momentum_buffer"], state["step"] = torch.zeros_like(g), 0
+                state["step"] += 1  # not used by the update; kept so the checkpoint says how far Muon is
                 v = state["momentum_buffer"]
                 v.mul_(mu).add_(g, alpha=1 - mu)
                 u = g * (1 - mu) + v * mu if group["nesterov"] else v
@@ -130,11 +127,10 @@ def build_optimizers(model: HybridLM, tc: TrainConfig, *, ns_dtype=torch.float32
 
 def set_lr(optimizers: dict, tc: TrainConfig, step: int) -> float:
     """Apply the schedule of optimizer step `step` to both optimizers; returns the multiplier."""
-    factor = lr_at(step, tc)
-    peaks = {"muon": tc.muon_lr, "adamw": tc.adamw_lr}
+    factor, lrs = tr.scheduled_lrs(tc, step)
     for name, opt in optimizers.items():
         for group in opt.param_groups:
-            group["lr"] = peaks[name] * factor
+            group["lr"] = lrs[name]
     return factor
 
 
@@ -151,76 +147,104 @@ def masked_loss(logits, tokens, loss_mask):
     return F.cross_entropy(pred, target, reduction="sum"), int(target_mask.sum())
 
 
-def batch_for_step(task, tc: TrainConfig, step: int, rank: int = 0, world: int = 1):
-    """(this rank's rows of step `step`'s global batch, counted targets in the whole global batch)."""
-    batch = task.sample(tc.batch_size, seed=tr.data_seed(tc.seed, step))
-    global_count = int(batch.loss_mask[:, 1:].sum())
-    start, stop = tr.rank_rows(tc.batch_size, rank, world)
-    local = Batch(batch.tokens[start:stop], batch.loss_mask[start:stop],
-                        {k: v[start:stop] for k, v in batch.meta.items()})
-    return local, global_count
+def compute_dtype(model: HybridLM, dtype=None):
+    """Context for the forward: autocast to `dtype` on the model's device (None: float32 as it is).
+    Parameters, SSM states and the loss stay float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(model.embed.weight.device.type, dtype=dtype)
+
+
+def train_step(model, optimizers: dict, batch: Batch, tc: TrainConfig, step: int, *,
+               global_count: int | None = None) -> tr.StepResult:
+    """One optimizer step (0-based `step`) on `batch` (numpy rows; this rank's under DDP).
+
+    lr of the step (lr_at), forward + backward of every micro-batch (tc.grad_accum of them), summed
+    loss over the global batch's `global_count` counted targets (default: the batch's own), NaN
+    check, global grad-norm clipping, Muon and AdamW. `model`: a HybridLM or its
+    DistributedDataParallel wrapper (then gradients and the loss are averaged over the ranks).
+    Raises TrainingError before the update when the loss or the gradient norm is not finite.
+    """
+    net = model  # what runs forward/backward: the model itself, or its DDP wrapper (same forward signature)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    model, world = (model.module, dist.get_world_size()) if ddp else (model, 1)
+    device = model.embed.weight.device
+    factor = set_lr(optimizers, tc, step)
+    count = tr.counted_targets(batch) if global_count is None else global_count
+    t0 = time.perf_counter()
+    tokens = torch.from_numpy(batch.tokens).to(device).long()
+    mask = torch.from_numpy(batch.loss_mask).to(device)
+    micro = tr.micro_rows(len(tokens), tc.grad_accum)
+    loss_sum = torch.zeros((), device=device)
+    for i, (a, b) in enumerate(micro):
+        # DDP averages gradients over ranks: scaling by world makes the result sum / count.
+        sync = not ddp or i == len(micro) - 1
+        with contextlib.nullcontext() if sync else net.no_sync():
+            with compute_dtype(model, COMPUTE_DTYPES[tc.dtype]):
+                logits = net(tokens[a:b])
+            s, _ = masked_loss(logits, tokens[a:b], mask[a:b])
+            (s * (world / count)).backward()
+        loss_sum += s.detach()
+    if ddp:
+        dist.all_reduce(loss_sum)  # every rank sees the global loss, so all stop together on NaN
+    loss = loss_sum.item() / count  # waits for the backward
+    t1 = time.perf_counter()
+    tr.check_finite("loss", loss, step)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
+    tr.check_finite("gradient norm", grad_norm, step)
+    for opt in optimizers.values():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return tr.StepResult(loss, grad_norm, factor, t1 - t0, time.perf_counter() - t1)
 
 
 @torch.no_grad()
 def evaluate(model: HybridLM, task, n: int, seed: int = tr.EVAL_SEED, *, passes: int | None = None,
              batch_size: int = 64, autocast=contextlib.nullcontext) -> dict:
     """Score the model on task.sample(n, seed): {"loss": mean counted cross-entropy, **task.score}."""
-    batch = task.sample(n, seed)
     device = model.embed.weight.device
-    tokens = torch.from_numpy(batch.tokens).to(device).long()
-    mask = torch.from_numpy(batch.loss_mask).to(device)
-    logits, loss_sum, count = [], 0.0, 0
-    for i in range(0, n, batch_size):
+
+    def score(tokens, loss_mask):
+        tokens, mask = torch.from_numpy(tokens).to(device).long(), torch.from_numpy(loss_mask).to(device)
         with autocast():
-            out = model(tokens[i:i + batch_size], passes)
-        s, c = masked_loss(out, tokens[i:i + batch_size], mask[i:i + batch_size])
-        loss_sum, count = loss_sum + float(s), count + c
-        logits.append(out.float().cpu().numpy())
-    scores = task.score(np.concatenate(logits), batch)
-    return {**scores, "loss": loss_sum / max(count, 1)}
+            out = model(tokens, passes)
+        s, c = masked_loss(out, tokens, mask)
+        return out.float().cpu().numpy(), float(s), c
+
+    return tr.evaluate_batches(task, n, seed, batch_size, score)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 
-def _param_order(model: HybridLM, opt: torch.optim.Optimizer) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
-
-
 def optimizer_state(model: HybridLM, optimizers: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten optimizer state dicts -> ({canonical tensor name: tensor}, JSON of groups and scalars)."""
-    tensors, doc = {}, {}
+    """The optimizers' state in the layout both backends share (common.training.OPTIMIZER_STATE):
+    ({"adamw.{param}.exp_avg" | ".exp_avg_sq" | "muon.{param}.momentum": tensor}, optimizer.json)."""
+    names = {p: n for n, p in model.named_parameters()}
+    tensors, steps = {}, {}
     for opt_name, opt in optimizers.items():
-        order = _param_order(model, opt)
-        sd = opt.state_dict()
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
-                  for g in sd["param_groups"]]
-        scalars = {}
-        for index, state in sd["state"].items():
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    tensors[tr.optimizer_tensor_name(opt_name, order[index], key)] = value.detach().cpu().contiguous()
-                else:
-                    scalars.setdefault(order[index], {})[key] = value
-        doc[opt_name] = {"param_groups": groups, "scalars": scalars}
-    return tensors, doc
+        counts = set()
+        for p, state in opt.state.items():
+            for key, own in STATE_KEYS[opt_name].items():
+                tensors[tr.optimizer_tensor_name(opt_name, names[p], key)] = state[own].detach().cpu().contiguous()
+            counts.add(int(state["step"]))  # torch counts per parameter; every parameter steps every time
+        assert len(counts) <= 1, f"{opt_name}: parameters at different steps {sorted(counts)}"
+        steps[opt_name] = counts.pop() if counts else 0
+    return tensors, tr.optimizer_document(model.config, steps)
 
 
 def load_optimizer_state(model: HybridLM, optimizers: dict, tensors: dict, doc: dict) -> None:
-    """Inverse of optimizer_state: rebuild each optimizer's state_dict by parameter name."""
+    """Inverse of optimizer_state (checked with common.training.check_optimizer_state first)."""
+    tr.check_optimizer_state(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, doc, tr.OPTIMIZER_FILE)
+    params = dict(model.named_parameters())
     for opt_name, opt in optimizers.items():
-        if opt_name not in doc:
-            raise ckpt.CheckpointError(f"optimizer state has no {opt_name!r} entry")
-        index = {name: i for i, name in enumerate(_param_order(model, opt))}
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in doc[opt_name]["param_groups"]]
-        state: dict[int, dict] = {}
-        for name, t in tensors.items():
-            owner, param, key = tr.split_optimizer_tensor_name(name)
-            if owner == opt_name:
-                state.setdefault(index[param], {})[key] = t
-        for param, values in doc[opt_name]["scalars"].items():
-            state.setdefault(index[param], {}).update(values)
-        opt.load_state_dict({"state": state, "param_groups": groups})
+        index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+        step, state = doc[opt_name]["step"], {}
+        for name in doc[opt_name]["params"] if step else []:
+            entry = {own: tensors[tr.optimizer_tensor_name(opt_name, name, key)]
+                     for key, own in STATE_KEYS[opt_name].items()}
+            entry["step"] = torch.tensor(float(step)) if opt_name == "adamw" else step  # AdamW keeps a tensor
+            state[index[id(params[name])]] = entry
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def rng_state(device: torch.device) -> dict:
@@ -231,37 +255,28 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(torch.tensor(state["torch_cpu"], dtype=torch.uint8))
+    """Restore rng_state(); a converted MLX checkpoint has none (the generators stay as seeded)."""
+    if "torch_cpu" in state:
+        torch.set_rng_state(torch.tensor(state["torch_cpu"], dtype=torch.uint8))
     if device.type == "cuda" and "torch_cuda" in state:
         torch.cuda.set_rng_state(torch.tensor(state["torch_cuda"], dtype=torch.uint8), device)
 
 
 def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, tokenizer: dict | None = None) -> None:
-    """Write folder/ atomically: a model folder (config.json + model.safetensors) plus
-    optimizer.safetensors, optimizer.json and trainer_state.json. Never pickle."""
+    """Write a training checkpoint folder (common.training.write_checkpoint) from model and optimizers."""
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     opt_tensors, opt_doc = optimizer_state(model, optimizers)
-    meta = {"format": ckpt.FORMAT, "backend": BACKEND}
-    with ckpt.atomic_folder(folder, overwrite=True) as tmp:
-        save_file(weights, str(tmp / ckpt.WEIGHTS_FILE), metadata=meta)
-        ckpt.write_json(tmp / ckpt.CONFIG_FILE, ckpt.config_document(model.config, tokenizer))
-        save_file(opt_tensors, str(tmp / tr.OPTIMIZER_FILE), metadata=meta)
-        ckpt.write_json(tmp / tr.OPTIMIZER_JSON, opt_doc)
-        tr.write_trainer_state(tmp, state)
+    tr.write_checkpoint(folder, BACKEND, model.config, tokenizer, state, weights, opt_tensors, opt_doc,
+                        lambda path, tensors, meta: save_file(tensors, str(path), metadata=meta))
 
 
 def load_checkpoint(folder, model: HybridLM, optimizers: dict) -> dict:
-    """Load weights and optimizer state from a checkpoint folder into model/optimizers in place;
-    returns trainer_state.json (ValueError for another backend's checkpoint)."""
-    folder = Path(folder)
-    state = tr.read_trainer_state(folder, BACKEND)
-    _, weights = read_tensors(folder)
-    model.load_arrays(weights)
-    for f in (tr.OPTIMIZER_FILE, tr.OPTIMIZER_JSON):
-        if not (folder / f).is_file():
-            raise ckpt.CheckpointError(f"{folder / f}: missing (incomplete training checkpoint)")
-    tensors = {n: t.to(model.embed.weight.device) for n, t in load_file(str(folder / tr.OPTIMIZER_FILE)).items()}
-    load_optimizer_state(model, optimizers, tensors, json.loads((folder / tr.OPTIMIZER_JSON).read_text()))
+    """Load a training checkpoint into model and optimizers in place; returns trainer_state.json
+    (ValueError for another backend's checkpoint: convert/ converts it)."""
+    state, opt_doc = tr.read_checkpoint(folder, BACKEND)
+    model.load_arrays(read_tensors(folder)[1])
+    tensors = {n: t.to(model.embed.weight.device) for n, t in load_file(str(Path(folder) / tr.OPTIMIZER_FILE)).items()}
+    load_optimizer_state(model, optimizers, tensors, opt_doc)
     return state
 
 
@@ -298,17 +313,7 @@ def train(task, model_config: ModelConfig | str, train_config: TrainConfig, out_
     Returns {"step", "loss", "eval", "tokens_per_s", "wall_time", "elapsed", paths}.
     """
     tc = train_config
-    mc = tr.resolve_model_config(task, model_config, {}) if isinstance(model_config, str) else model_config
-    tr.check_task_config(task, mc)
-    if model is not None and model.config != mc:
-        raise ValueError("train(model=...): model.config differs from model_config")
-    if tc.dtype == "float16":
-        raise ValueError("TrainConfig.dtype='float16' is not supported for training (no loss scaling); "
-                         "use 'bfloat16' or 'float32'")
-    ckpt_dir = Path(out_dir) / tr.CHECKPOINT_DIR
-    if not resume and ckpt_dir.exists():
-        raise ValueError(f"{ckpt_dir} already exists; pass resume=True (--resume) to continue it "
-                         "or choose another output folder")
+    mc = tr.prepare_run(task, model_config, tc, out_dir, resume=resume, model=model)
     rank, world, device, created_group = setup_distributed(device)
     try:
         return _train(task, mc, tc, Path(out_dir), rank=rank, world=world, device=device, resume=resume,
@@ -320,121 +325,35 @@ def train(task, model_config: ModelConfig | str, train_config: TrainConfig, out_
 
 def _train(task, mc: ModelConfig, tc: TrainConfig, out_dir: Path, *, rank, world, device, resume, progress,
            max_steps, model) -> dict:
-    ckpt_dir, model_dir = out_dir / tr.CHECKPOINT_DIR, out_dir / tr.MODEL_DIR
-    first, last = tr.rank_rows(tc.batch_size, rank, world)
-    micro = tr.micro_rows(last - first, tc.grad_accum)  # [start, stop) of each micro-batch in this rank's rows
-    end = min(tc.steps, max_steps) if max_steps is not None else tc.steps
-
     torch.manual_seed(tc.seed)
     model = (model if model is not None else HybridLM(mc, seed=tc.seed)).to(device=device, dtype=torch.float32)
     model.checkpoint_windows = tc.checkpoint_windows
     model.set_scan_impl(tc.scan_impl)
-    bf16 = tc.dtype == "bfloat16"  # autocast; parameters, SSM states and the loss stay float32
-    ns_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
-    optimizers = build_optimizers(model, tc, ns_dtype=ns_dtype)
-
-    step, elapsed_before, loss, last_eval = 0, 0.0, float("nan"), {}
+    bf16 = COMPUTE_DTYPES[tc.dtype] is not None
+    optimizers = build_optimizers(model, tc, ns_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
+    start = None
     if resume:
-        state = tr.read_trainer_state(ckpt_dir, BACKEND)
-        tr.check_resume(state, mc, task)
-        changed = tr.changed_train_fields(state, tc)
-        if changed and rank == 0:
-            print(f"warning: resuming with changed TrainConfig fields {changed}; the run will not match "
-                  "an uninterrupted one", file=sys.stderr)
-        load_checkpoint(ckpt_dir, model, optimizers)
-        set_rng_state(state["rng"], device)
-        step, elapsed_before = state["step"], state["elapsed"]
-        loss, last_eval = state["metrics"].get("loss", loss), state["metrics"].get("eval", {})
-    net = model  # what runs forward/backward: the model itself, or its DDP wrapper (same forward signature)
+        start = tr.resume_state(out_dir, BACKEND, mc, task, tc, announce=rank == 0)
+        load_checkpoint(out_dir / tr.CHECKPOINT_DIR, model, optimizers)
+        set_rng_state(start["rng"], device)
+    net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    tokenizer = task.tokenizer.to_dict()
-    log = tr.MetricsLog(out_dir / tr.METRICS_FILE, step if resume else None) if rank == 0 else None
     eval_batch = max(tc.batch_size // tc.grad_accum // world, 1)
-
-    def checkpoint_now(elapsed):
-        doc = tr.trainer_state(backend=BACKEND, step=step, model_config=mc, train_config=tc, task=task,
-                               rng=rng_state(device), elapsed=elapsed, metrics={"loss": loss, "eval": last_eval})
-        save_checkpoint(ckpt_dir, model, optimizers, doc, tokenizer=tokenizer)
-        save(model, model_dir, overwrite=True, tokenizer=tokenizer, task={"name": task.name, "params": task.params})
-
-    start_step, t_start = step, time.perf_counter()
-    t_log, tokens_since_log = t_start, 0
-    with tqdm(total=end, initial=step, desc="train", disable=not progress or rank != 0, dynamic_ncols=True) as bar:
-        while step < end:
-            factor = set_lr(optimizers, tc, step)
-            batch, global_count = batch_for_step(task, tc, step, rank, world)
-            if global_count == 0:
-                raise ValueError(f"the batch of step {step + 1} has no counted targets (loss_mask is all False)")
-            tokens = torch.from_numpy(batch.tokens).to(device).long()
-            mask = torch.from_numpy(batch.loss_mask).to(device)
-            loss_sum = torch.zeros((), device=device)
-            for i, (a, b) in enumerate(micro):
-                # DDP averages gradients over ranks: scaling by world makes the result sum / global_count.
-                sync = world == 1 or i == len(micro) - 1
-                with contextlib.nullcontext() if sync else net.no_sync():
-                    with autocast():
-                        logits = net(tokens[a:b])
-                    s, _ = masked_loss(logits, tokens[a:b], mask[a:b])
-                    (s * (world / global_count)).backward()
-                loss_sum += s.detach()
-            if world > 1:
-                dist.all_reduce(loss_sum)  # every rank sees the global loss, so all stop together on NaN
-            loss = loss_sum.item() / global_count
-            last_good = str(ckpt_dir) if ckpt_dir.exists() else "none"
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {step + 1}; last good checkpoint: {last_good}")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
-            if not math.isfinite(grad_norm):
-                raise TrainingError(f"gradient norm is {grad_norm} at step {step + 1}; "
-                                    f"last good checkpoint: {last_good}")
-            for opt in optimizers.values():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_since_log += batch.tokens.size * world
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-
-            evaluate_now = tc.eval_interval and (step % tc.eval_interval == 0 or step == end)
-            if evaluate_now and rank == 0:
-                last_eval = evaluate(model, task, tc.eval_samples, passes=None, batch_size=eval_batch,
-                                     autocast=autocast)
-            if rank == 0 and (step % tc.log_interval == 0 or evaluate_now or step == end):
-                now = time.perf_counter()
-                record = {"step": step, "loss": loss, "lr": tc.muon_lr * factor, "lr_adamw": tc.adamw_lr * factor,
-                          "grad_norm": grad_norm, "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
-                          "elapsed": elapsed_before + now - t_start}
-                if evaluate_now:
-                    record.update({f"eval_{k}": v for k, v in last_eval.items()})
-                log.write(record)
-                t_log, tokens_since_log = now, 0
-            if rank == 0 and ((tc.save_interval and step % tc.save_interval == 0) or step == end):
-                checkpoint_now(elapsed_before + time.perf_counter() - t_start)
-    wall = time.perf_counter() - t_start
-    done_tokens = (step - start_step) * tc.batch_size * (task.seq_len or 0)
-    return {"step": step, "loss": loss, "eval": last_eval, "tokens_per_s": done_tokens / max(wall, 1e-9),
-            "wall_time": wall, "elapsed": elapsed_before + wall, "out_dir": str(out_dir),
-            "checkpoint": str(ckpt_dir), "model": str(model_dir)}
+    return tr.run_loop(
+        task, mc, tc, out_dir, backend=BACKEND, start=start, rank=rank, world=world, progress=progress,
+        max_steps=max_steps, step=lambda s, batch, count: train_step(net, optimizers, batch, tc, s, global_count=count),
+        evaluate=lambda: evaluate(model, task, tc.eval_samples, batch_size=eval_batch,
+                                  autocast=lambda: compute_dtype(model, COMPUTE_DTYPES[tc.dtype])),
+        save_checkpoint=lambda folder, doc, **files: save_checkpoint(folder, model, optimizers, doc, **files),
+        save_model=lambda folder, **files: save(model, folder, overwrite=True, **files), rng=lambda: rng_state(device))
 
 
 # --- command line (torchrun launches this; the click CLI comes on top) ------------------------------
 
 def main(argv=None) -> int:
-    p = tr.train_arg_parser("python -m sleep_torch.train", __doc__)
-    args = p.parse_args(argv)
-    try:
-        task, mc, tc = tr.run_from_args(args)
-        summary = train(task, mc, tc, args.out, resume=args.resume, progress=not args.no_progress,
-                        max_steps=args.max_steps)
-    except (ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-    return 0
+    return tr.main(train, "python -m sleep_torch.train", __doc__, argv)
 
 
 if __name__ == "__main__":

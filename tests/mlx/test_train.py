@@ -92,7 +92,7 @@ def test_optimizer_split():
     tensors, doc = train_mod.optimizer_state(model, opts)
     assert {tr.split_optimizer_tensor_name(n)[1] for n in tensors if n.startswith("muon.")} == muon
     assert {tr.split_optimizer_tensor_name(n)[1] for n in tensors if n.startswith("adamw.")} == adamw
-    assert "muon.layers.0.attn.q_proj.weight.v" in tensors and "adamw.embed.weight.m" in tensors
+    assert "muon.layers.0.attn.q_proj.weight.momentum" in tensors and "adamw.embed.weight.exp_avg" in tensors
     assert doc["muon"]["step"] == doc["adamw"]["step"] == 1
 
 
@@ -161,7 +161,8 @@ def test_run_writes_metrics_checkpoint_and_model(tmp_path):
     assert state["task"] == {"name": "rule110", "params": task.params}
     assert len(state["rng"]["mlx"]) == 2
     opt = mx.load(str(out / "checkpoint" / tr.OPTIMIZER_FILE))
-    assert "muon.layers.0.attn.q_proj.weight.v" in opt and "adamw.embed.weight.v" in opt
+    assert "muon.layers.0.attn.q_proj.weight.momentum" in opt and "adamw.embed.weight.exp_avg_sq" in opt
+    assert json.loads((out / "checkpoint" / tr.OPTIMIZER_JSON).read_text())["adamw"]["step"] == 8
     model = sleep_mlx.load(out / "model")  # plain model folder with the task's tokenizer
     assert model.tokenizer.decode([0, 1, 2]) == task.tokenizer.decode([0, 1, 2])
     final = dict(tree_flatten(model.parameters()))

@@ -165,7 +165,8 @@ def test_run_writes_metrics_checkpoint_and_model(tmp_path):
     assert state["task"] == {"name": "rule110", "params": task.params}
     assert len(state["rng"]["torch_cpu"]) > 0
     opt = load_file(str(out / "checkpoint" / tr.OPTIMIZER_FILE))
-    assert "muon.layers.0.attn.q_proj.weight.momentum_buffer" in opt and "adamw.embed.weight.exp_avg_sq" in opt
+    assert "muon.layers.0.attn.q_proj.weight.momentum" in opt and "adamw.embed.weight.exp_avg_sq" in opt
+    assert json.loads((out / "checkpoint" / tr.OPTIMIZER_JSON).read_text())["adamw"]["step"] == 8
     model = sleep_torch.load(out / "model")  # plain model folder with the task's tokenizer
     assert model.tokenizer.decode([0, 1, 2]) == task.tokenizer.decode([0, 1, 2])
     for n, p in sleep_torch.load(out / "checkpoint").named_parameters():
