@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from common.config import ModelConfig
+from common.sleep import AttentionCache
 from lmsleep import plots
 from lmsleep.bench import common as bc
 
@@ -54,9 +55,8 @@ def model_configs(preset: str = "small-rule110", *, vocab_size: int = 258, windo
 
 
 def kv_bytes(state) -> int:
-    fields = (state.past_k, state.past_v, state.cur_k, state.cur_v)
-    return sum(t.numel() * t.element_size() if hasattr(t, "numel") else t.nbytes
-               for f in fields for t in f if t is not None)
+    """Bytes of the attention blocks' cached keys/values in a State."""
+    return sum(t.nbytes for c in state.caches if isinstance(c, AttentionCache) for t in c.tensors())
 
 
 def stream(rt: bc.Runtime, model, contexts, *, measure: int, mode: str, chunk: int, replay: tuple[int, int],
