@@ -3,11 +3,18 @@
 Both backends write the same folder format, so converting a model folder means: validate it, copy
 every tensor's bytes unchanged (bf16 stays bit-exact: nothing goes through float32 unless a cast is
 asked for), set the safetensors metadata "backend" to the target, and optionally cast the float
-dtype, quantize (for MLX) or dequantize (for torch). A training checkpoint (the trainer's
-out_dir/checkpoint, or any safetensors file/folder with a config.json) becomes a clean model folder:
-optimizer state dropped, `module.` (DDP) and `_orig_mod.` (torch.compile) name prefixes stripped.
+dtype, quantize (for MLX) or dequantize (for torch).
+
+A trainer checkpoint (out_dir/checkpoint) converts to a trainer checkpoint of the other backend
+that resumes exactly: both trainers write one optimizer layout (common/training.py), so weights and
+optimizer tensors are copied byte for byte, optimizer.json unchanged, and trainer_state.json gets the
+target backend, "converted_from" and an empty RNG state (torch's and MLX's generators cannot take each
+other's state). With a dtype cast, or from bare weights (any safetensors file/folder with a
+config.json), the result is a clean model folder: optimizer state dropped, `module.` (DDP) and
+`_orig_mod.` (torch.compile) name prefixes stripped.
 
     convert_model("runs/r110/model", "runs/r110/model-mlx-q4", to="mlx", quantize_bits=4)
+    convert_training_checkpoint("runs/r110/checkpoint", "runs/r110-mlx/checkpoint", to="mlx")  # resumable
     convert_training_checkpoint("runs/r110/checkpoint", "runs/r110/model-bf16", to="mlx", dtype="bfloat16")
 """
 
@@ -17,30 +24,32 @@ import json
 import os
 from pathlib import Path
 
+from common import backends
 from common import checkpoint as ckpt
 from common import training as tr
 from common.config import ModelConfig
 from convert import quantize as qz
 from convert.dtypes import DTYPE_TAGS, FLOAT_TAGS, Raw, cast, read_raw, write_raw
 
-BACKENDS = ("torch", "mlx")
+QUANTIZED_BACKEND = "mlx"  # the backend whose load() runs quantized folders (the others refuse them)
 PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
 def convert_model(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, dtype: str | None = None,
                   quantize_bits: int | None = None, group_size: int = 64, dequantize: bool = False,
                   overwrite: bool = False) -> dict:
-    """Convert a model folder for backend `to` ("torch" | "mlx"); returns a report (see `summary`)."""
+    """Convert a model folder for backend `to` (common.backends.names()); returns a report (see `summary`)."""
     _check_args(to, dtype, overwrite, src, dst)
     if quantize_bits is not None:
-        if to != "mlx":
-            raise ValueError("quantized folders run on the MLX backend: quantize with to='mlx' (--to mlx)")
+        if to != QUANTIZED_BACKEND:
+            raise ValueError(f"quantized folders run on the {QUANTIZED_BACKEND} backend: quantize with "
+                             f"to={QUANTIZED_BACKEND!r} (--to {QUANTIZED_BACKEND})")
         qz.check_settings(quantize_bits, group_size)
     config, doc, where = ckpt.validate_folder(src)
     quant = doc.get("quantization")
-    if quant and to == "torch" and not dequantize:
-        raise ckpt.CheckpointError(f"{src}: quantized folders run on the MLX backend; pass dequantize=True "
-                                   "(`lmsleep convert --dequantize`) to convert it for torch")
+    if quant and to != QUANTIZED_BACKEND and not dequantize:
+        raise ckpt.CheckpointError(f"{src}: quantized folders run on the {QUANTIZED_BACKEND} backend; pass "
+                                   f"dequantize=True (`lmsleep convert --dequantize`) to convert it for {to}")
     if quant and quantize_bits is not None:
         raise ValueError(f"{src}: already quantized ({quant['bits']}-bit); quantize the unquantized model instead")
     tensors, file_of, meta = _read_folder(src, where, config, quant)
@@ -69,9 +78,13 @@ def convert_model(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, dt
 
 def convert_training_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
                                 dtype: str | None = None, overwrite: bool = False) -> dict:
-    """A trainer checkpoint (or any safetensors file/folder with a config.json) -> a clean model folder."""
+    """A trainer checkpoint -> a trainer checkpoint for backend `to` that resumes there exactly (weights,
+    optimizer state, step = schedule and data position; not the RNG state when the backend changes).
+    With `dtype`, or from bare weights (any safetensors file/folder with a config.json) -> a clean
+    model folder (optimizer state dropped)."""
     _check_args(to, dtype, overwrite, src, dst)
     src = Path(src)
+    resumable = dtype is None and src.is_dir() and (src / tr.TRAINER_STATE_FILE).is_file()
     config, extra = _training_config(src)
     expected = ckpt.param_shapes(config)
     tensors: dict[str, Raw] = {}
@@ -97,9 +110,15 @@ def convert_training_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, 
                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     tensors = {n: cast(tensors[n], DTYPE_TAGS[dtype]) if dtype else tensors[n] for n in expected}
     doc = ckpt.config_document(config, **extra)
-    _write_folder(dst, tensors, dict.fromkeys(tensors, ckpt.WEIGHTS_FILE), doc,
-                  {"format": ckpt.FORMAT, "backend": to}, overwrite)
-    return _report("training checkpoint", src, dst, to, tensors, None)
+    meta = {"format": ckpt.FORMAT, "backend": to}
+    trainer = _trainer_files(src, config, to) if resumable else None
+    extra_files = (lambda tmp: _write_trainer_files(tmp, *trainer, meta)) if trainer else None
+    _write_folder(dst, tensors, dict.fromkeys(tensors, ckpt.WEIGHTS_FILE), doc, meta, overwrite, extra_files)
+    report = _report("training checkpoint", src, dst, to, tensors, None)
+    if trainer:
+        report.update(resumable=True, step=trainer[2]["step"], converted_from=trainer[2].get("converted_from"),
+                      optimizer_tensors=len(trainer[0]))
+    return report
 
 
 def convert_path(src, dst, *, to: str, dtype: str | None = None, quantize_bits: int | None = None,
@@ -148,14 +167,21 @@ def summary(report: dict) -> str:
     q = report.get("quantization")
     if q:
         line += f", {q['bits']}-bit group {q['group_size']} on {len(q['layers'])} layers"
+    if report.get("resumable"):
+        dst = Path(report["dst"])
+        where = f"--out {dst.parent}" if dst.name == tr.CHECKPOINT_DIR else f"--out OUT, this folder as OUT/{tr.CHECKPOINT_DIR}"
+        line += (f"; optimizer and trainer state (step {report['step']}) kept: resume with --backend {report['to']} "
+                 f"--resume {where}")
+        if report["converted_from"]:
+            line += f" (the {report['converted_from']} RNG state stays behind)"
     return line
 
 
 # --- helpers -----------------------------------------------------------------------------------------
 
 def _check_args(to, dtype, overwrite, src, dst) -> None:
-    if to not in BACKENDS:
-        raise ValueError(f"to must be one of {BACKENDS}, got {to!r}")
+    if to not in backends.names():
+        raise ValueError(f"to must be one of {backends.names()}, got {to!r}")
     if dtype is not None and dtype not in DTYPE_TAGS:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_TAGS)}, got {dtype!r}")
     if Path(src).resolve() == Path(dst).resolve():
@@ -176,8 +202,9 @@ def _read_folder(folder, where: dict[str, Path], config: ModelConfig, quant: dic
 
 
 def _write_folder(dst, tensors: dict[str, Raw], file_of: dict[str, str], doc: dict, meta: dict,
-                  overwrite: bool) -> None:
-    """Atomically write config.json + the weight files (+ index when sharded); validated before it appears."""
+                  overwrite: bool, extra_files=None) -> None:
+    """Atomically write config.json + the weight files (+ index when sharded) and whatever
+    extra_files(tmp) writes beside them; validated before it appears."""
     files = list(dict.fromkeys(file_of[n] for n in tensors))
     with ckpt.atomic_folder(dst, overwrite=overwrite) as tmp:
         for fname in files:
@@ -187,7 +214,36 @@ def _write_folder(dst, tensors: dict[str, Raw], file_of: dict[str, str], doc: di
                      "weight_map": {n: file_of[n] for n in tensors}}
             ckpt.write_json(tmp / ckpt.INDEX_FILE, index)
         ckpt.write_json(tmp / ckpt.CONFIG_FILE, doc)
+        if extra_files:
+            extra_files(tmp)
         ckpt.validate_folder(tmp)
+
+
+def _trainer_files(src: Path, config: ModelConfig, to: str) -> tuple[dict[str, Raw], dict, dict]:
+    """(optimizer tensors, optimizer.json, trainer_state.json for `to`) of a trainer checkpoint, checked
+    against the model config; the RNG state is dropped when the backend changes (not portable)."""
+    state = tr.read_trainer_state(src, None)
+    for f in (tr.OPTIMIZER_FILE, tr.OPTIMIZER_JSON):
+        if not (src / f).is_file():
+            raise ckpt.CheckpointError(f"{src / f}: missing (incomplete training checkpoint)")
+    opt_tensors, _ = read_raw(src / tr.OPTIMIZER_FILE)
+    opt_doc = _read_json(src / tr.OPTIMIZER_JSON)
+    tr.check_optimizer_state(config, {n: t.shape for n, t in opt_tensors.items()}, opt_doc, src / tr.OPTIMIZER_FILE)
+    odd = [n for n, t in opt_tensors.items() if t.dtype not in FLOAT_TAGS]
+    if odd:
+        raise ckpt.CheckpointError(f"{src / tr.OPTIMIZER_FILE}: tensor {odd[0]!r} has dtype "
+                                   f"{opt_tensors[odd[0]].dtype}, expected a float dtype")
+    if ModelConfig.from_dict(state["model"]) != config:
+        raise ckpt.CheckpointError(f"{src}: trainer_state.json and config.json hold different model configs")
+    if state["backend"] != to:
+        state = {**state, "backend": to, "rng": {}, "converted_from": state["backend"]}
+    return opt_tensors, opt_doc, state
+
+
+def _write_trainer_files(tmp: Path, opt_tensors: dict[str, Raw], opt_doc: dict, state: dict, meta: dict) -> None:
+    write_raw(tmp / tr.OPTIMIZER_FILE, opt_tensors, meta)  # bytes unchanged: one layout in both backends
+    ckpt.write_json(tmp / tr.OPTIMIZER_JSON, opt_doc)
+    tr.write_trainer_state(tmp, state)
 
 
 def _training_config(src: Path) -> tuple[ModelConfig, dict]:

@@ -219,6 +219,54 @@ def test_trainer_checkpoint_to_mlx(tmp_path, trainer_checkpoint):
     assert snapshot(trainer_checkpoint) == before
 
 
+def test_trainer_checkpoint_stays_resumable(tmp_path, trainer_checkpoint):
+    """Without a dtype cast, a trainer checkpoint converts to one of the other backend: every byte of
+    weights and optimizer state kept, optimizer.json unchanged, the RNG state dropped (not portable)."""
+    before = snapshot(trainer_checkpoint)
+    report = convert_training_checkpoint(trainer_checkpoint, tmp_path / "m", to="mlx")
+    assert report["resumable"] and report["step"] == 2 and report["converted_from"] == "torch"
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == sorted(p.name for p in trainer_checkpoint.iterdir())
+    assert raw_tensors(tmp_path / "m") == raw_tensors(trainer_checkpoint)
+    opt = read_raw(tmp_path / "m" / tr.OPTIMIZER_FILE)
+    assert opt == (read_raw(trainer_checkpoint / tr.OPTIMIZER_FILE)[0], {"format": "lm-sleep", "backend": "mlx"})
+    assert "muon.layers.0.attn.q_proj.weight.momentum" in opt[0] and "adamw.embed.weight.exp_avg_sq" in opt[0]
+    assert (tmp_path / "m" / tr.OPTIMIZER_JSON).read_text() == (trainer_checkpoint / tr.OPTIMIZER_JSON).read_text()
+    state = json.loads((tmp_path / "m" / tr.TRAINER_STATE_FILE).read_text())
+    original = json.loads((trainer_checkpoint / tr.TRAINER_STATE_FILE).read_text())
+    assert state == {**original, "backend": "mlx", "rng": {}, "converted_from": "torch"}
+    assert sleep_mlx.load(tmp_path / "m").config == sleep_torch.load(trainer_checkpoint).config  # a model folder too
+    # back to torch: the same bytes again; the same backend keeps its RNG state
+    convert_training_checkpoint(tmp_path / "m", tmp_path / "t", to="torch")
+    assert read_raw(tmp_path / "t" / tr.OPTIMIZER_FILE)[0] == opt[0]
+    convert_training_checkpoint(trainer_checkpoint, tmp_path / "same", to="torch")
+    assert json.loads((tmp_path / "same" / tr.TRAINER_STATE_FILE).read_text()) == original
+    assert snapshot(trainer_checkpoint) == before
+
+
+def test_bad_optimizer_state_is_refused(tmp_path, trainer_checkpoint):
+    raw, meta = read_raw(trainer_checkpoint / tr.OPTIMIZER_FILE)
+    name = "adamw.embed.weight.exp_avg"
+    cases = {
+        "missing": ({n: t for n, t in raw.items() if n != name}, None, f"missing optimizer tensor {name}"),
+        "shape": ({**raw, name: Raw("F32", (3,), b"\0" * 12)}, None, rf"{name} has shape \[3\]"),
+        "unknown": ({**raw, "adamw.embed.weight.m": raw[name]}, None, "unexpected optimizer tensor adamw.embed.weight.m"),
+        "wrong optimizer": ({**raw, "muon.embed.weight.momentum": raw[name]}, None, "unexpected optimizer tensor"),
+        "old layout": (raw, {"muon": {"param_groups": [], "scalars": {}}}, "optimizer.json needs"),
+    }
+    doc = json.loads((trainer_checkpoint / tr.OPTIMIZER_JSON).read_text())
+    for case, (tensors, opt_doc, message) in cases.items():
+        src = tmp_path / case
+        src.mkdir()
+        for f in trainer_checkpoint.iterdir():
+            (src / f.name).write_bytes(f.read_bytes())
+        write_raw(src / tr.OPTIMIZER_FILE, tensors, meta)
+        (src / tr.OPTIMIZER_JSON).write_text(json.dumps(opt_doc or doc))
+        with pytest.raises(ckpt.CheckpointError, match=message) as err:
+            convert_training_checkpoint(src, tmp_path / "out", to="mlx")
+        assert "\n" not in str(err.value) and not (tmp_path / "out").exists(), case
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_prefixed_names_are_stripped(tmp_path, trainer_checkpoint, prefix):
     src = tmp_path / "ddp"
