@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from common.checkpoint import CheckpointError, read_header, read_metadata
+from common.checkpoint import CheckpointError, read_safetensors
 from common.config import ModelConfig
 from common.sleep import CACHE_OF_KIND, State
 
@@ -50,8 +50,7 @@ def state_to_named(state: State, model_hash: str):
 def check_memory_file(path, model_hash: str) -> dict[str, int]:
     """Validate a memory file's header against a model -> its counters; one-line errors."""
     try:
-        read_header(path)
-        meta = read_metadata(path)
+        _, meta, _ = read_safetensors(path)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable memory file ({e})") from None
     if meta.get("format") != MEMORY_FORMAT:

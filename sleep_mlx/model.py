@@ -72,7 +72,8 @@ class HybridLM(nn.Module):
     # --- public API ------------------------------------------------------------------------------
     def __call__(self, tokens, passes: int | None = None):
         """Logits [B, T, V] for a whole sequence, window by window (every full window sleeps). Lazy."""
-        batch = tokens.shape[0] if _is_2d(tokens) else 1  # a bad `tokens` is reported by _check_tokens
+        two_d = isinstance(tokens, mx.array) and tokens.ndim == 2  # a bad `tokens` is reported by _check_tokens
+        batch = tokens.shape[0] if two_d else 1
         logits, _ = self._stream(tokens, self.new_state(batch), passes)
         return logits
 
@@ -122,7 +123,7 @@ class HybridLM(nn.Module):
         return schedule.check_passes(passes, self.config.sleep_passes)
 
     def _check_tokens(self, tokens, state: State):
-        if not _is_2d(tokens) or not mx.issubdtype(tokens.dtype, mx.integer):
+        if not isinstance(tokens, mx.array) or tokens.ndim != 2 or not mx.issubdtype(tokens.dtype, mx.integer):
             raise ValueError("tokens must be an integer array of shape [batch, time]")
         lo, hi = (tokens.min().item(), tokens.max().item()) if tokens.size else (0, 0)
         schedule.check_token_ids(tokens.shape[0], state.batch_size, lo, hi, self.config.vocab_size)
@@ -168,6 +169,3 @@ class HybridLM(nn.Module):
         weight = self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
         return h @ weight.T
 
-
-def _is_2d(tokens) -> bool:
-    return isinstance(tokens, mx.array) and tokens.ndim == 2

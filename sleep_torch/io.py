@@ -56,6 +56,7 @@ def read_tensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def load(path: str | os.PathLike, *, dtype: str | None = None, device: str | torch.device | None = None) -> HybridLM:
     """Load a model folder written by either backend. dtype None keeps the stored dtype."""
+    ckpt.check_dtype(dtype)
     config, doc, _ = ckpt.validate_folder(path)
     if doc.get("quantization"):
         raise ckpt.CheckpointError(f"{path}: quantized folders run on the MLX backend; dequantize it with "
