@@ -151,14 +151,23 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
-def tokenizer_from_dict(d: dict) -> CharTokenizer | ByteTokenizer:
-    """Inverse of `to_dict()` for either kind (the "tokenizer" block of config.json)."""
+def tokenizer_from_dict(d: dict, folder=None):
+    """Inverse of `to_dict()` for any kind (the "tokenizer" block of config.json).
+
+    The "hf" kind (a pretrained tokenizer.json, common.hf_tokenizer) reads its file from `folder`.
+    """
     if not isinstance(d, dict) or "type" not in d:
         raise ValueError(f"tokenizer block must be a dict with a 'type' key, got {d!r}")
     kind = d["type"]
+    if kind == "hf":
+        from common.hf_tokenizer import HFTokenizer
+
+        if folder is None:
+            raise ValueError("an 'hf' tokenizer block needs the model folder that holds its tokenizer.json")
+        return HFTokenizer.from_dict(d, folder)
     allowed = {"char": {"type", "symbols", "sep"}, "byte": {"type"}}
     if kind not in allowed:
-        raise ValueError(f"unknown tokenizer type {kind!r} (known: {sorted(allowed)})")
+        raise ValueError(f"unknown tokenizer type {kind!r} (known: {sorted(allowed) + ['hf']})")
     extra = sorted(set(d) - allowed[kind])
     if extra:
         raise ValueError(f"unknown key(s) {extra} in {kind!r} tokenizer block")

@@ -68,7 +68,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> HybridLM:
     stored = next(iter(tensors.values())).dtype
     model.set_dtype(DTYPES[dtype] if dtype else stored)
     model.load_arrays(tensors)
-    model.tokenizer = tokenizer_from_dict(doc["tokenizer"]) if doc.get("tokenizer") else None
+    model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
     return model
 
 
@@ -92,5 +92,5 @@ def _load_quantized(path, config, doc: dict, dtype: str | None) -> HybridLM:
     listed = set(layers)
     nn.quantize(model, group_size=group, bits=bits, class_predicate=lambda name, m: name in listed)
     model.load_arrays(tensors)
-    model.tokenizer = tokenizer_from_dict(doc["tokenizer"]) if doc.get("tokenizer") else None
+    model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
     return model

@@ -66,5 +66,5 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, device: str | tor
     stored = next(iter(tensors.values())).dtype
     model.to(DTYPES[dtype] if dtype else stored)
     model.load_arrays(tensors)
-    model.tokenizer = tokenizer_from_dict(doc["tokenizer"]) if doc.get("tokenizer") else None
+    model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
     return model.to(device) if device is not None else model
