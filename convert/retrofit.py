@@ -61,13 +61,15 @@ def retrofit(src: str | os.PathLike, out: str | os.PathLike, *, insert: int | No
             raise ValueError(f"retrofit of {src}: {name} has shape {arrays[name].shape}, the plan needs {shape}")
         if not np.isfinite(arrays[name]).all():
             raise ValueError(f"retrofit of {src}: source tensor for {name} holds NaN or Inf")
-    tokenizer = HFTokenizer.from_files(source.files, chat_template=source.chat_template)
-    files = {"tokenizer.json": tokenizer.to_json()}
-    if source.chat_template:
-        files["chat_template.jinja"] = source.chat_template
+    files, tokenizer = {}, None
+    if "tokenizer.json" in source.files:  # a source without one still runs on token ids
+        tokenizer = HFTokenizer.from_files(source.files, chat_template=source.chat_template)
+        files["tokenizer.json"] = tokenizer.to_json()
+        if source.chat_template:
+            files["chat_template.jinja"] = source.chat_template
     origin = {k: v for k, v in source.origin.items() if v is not None}
     record = p.record(origin, init, sorted(files))
-    doc = ckpt.config_document(p.config, tokenizer.to_dict(), retrofit=record)
+    doc = ckpt.config_document(p.config, tokenizer.to_dict() if tokenizer else None, retrofit=record)
     say(f"writing {out}")
     tag = DTYPE_TAGS[dtype]
     raw = {name: from_numpy(arrays[name], tag) for name in expected}
@@ -80,7 +82,8 @@ def retrofit(src: str | os.PathLike, out: str | os.PathLike, *, insert: int | No
     return {"src": str(src), "out": str(out), "pattern": p.config.pattern, "inserted": p.inserted,
             "loop_blocks": list(p.config.loop_range), "loop_source_layers": list(p.loop),
             "source_params": base, "inserted_params": new, "dtype": dtype, "seconds": time.perf_counter() - t0,
-            "bytes": sum(t.nbytes for t in raw.values())}
+            "bytes": sum(t.nbytes for t in raw.values()), "tokenizer": bool(tokenizer),
+            "chat_template": "chat_template.jinja" in files}
 
 
 def summary(report: dict) -> str:
@@ -89,4 +92,5 @@ def summary(report: dict) -> str:
             f"{report['inserted']}), loop blocks [{report['loop_blocks'][0]}, {report['loop_blocks'][1]}) = "
             f"source layers [{report['loop_source_layers'][0]}, {report['loop_source_layers'][1]}), "
             f"{report['source_params'] / 1e6:.1f}M source + {report['inserted_params'] / 1e6:.1f}M new parameters, "
-            f"{report['dtype']}, {report['bytes'] / 2**20:.0f} MiB, {report['seconds']:.1f} s")
+            f"{report['dtype']}, {report['bytes'] / 2**20:.0f} MiB, {report['seconds']:.1f} s"
+            + ("" if report["tokenizer"] else " (the source has no tokenizer.json: token ids only)"))

@@ -336,6 +336,71 @@ def convert_(src, dst, to, dtype, bits, group_size, dequantize, force):
                    f"{q['max_abs']:.3e}, relative {q['max_rel']:.3e}; greedy agreement {q['greedy_agreement']:.1%}")
 
 
+def parse_insert_at(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated source layer indices, e.g. 4,8,12") from None
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("out", type=click.Path())
+@click.option("--insert", type=click.IntRange(0, 4096), help="SSM blocks to insert, spread evenly over the looped "
+              "range [default: about n_layers/4].")
+@click.option("--insert-at", callback=parse_insert_at,
+              help="Insert one SSM block in front of each of these source layers (comma-separated; "
+                   "n_layers = after the last).")
+@click.option("--loop", "loop", help="Looped range a:b in source layers (b exclusive) or 'all' "
+              "[default: the middle half].")
+@click.option("--window", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Attention window L (tokens kept before a sleep).")
+@click.option("--eviction", default="hard", show_default=True, type=click.Choice(["hard", "sliding"]))
+@click.option("--passes", default=2, show_default=True, type=click.IntRange(1, 64), help="Sleep passes N.")
+@click.option("--ssm-heads", type=click.IntRange(1, 1024), help="Heads of the inserted SSM blocks "
+              "[default: the attention's].")
+@click.option("--ssm-head-dim", type=click.IntRange(1, 4096), help="Key size of the inserted SSM blocks "
+              "[default: the attention's head_dim].")
+@click.option("--init", "init", default="zero", show_default=True, type=click.Choice(["zero", "copy-attn"]),
+              help="zero: inserted blocks are exact no-ops (o_proj = 0); copy-attn: also copy q/k/v from the "
+                   "nearest attention layer.")
+@click.option("--dtype", default="float32", show_default=True, type=dtype_choice(), help="Weights' dtype in OUT.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@backend_option
+@user_errors
+def retrofit(src, out, insert, insert_at, loop, window, eviction, passes, ssm_heads, ssm_head_dim, init, dtype,
+             revision, force, backend):
+    """Make a pretrained Llama-family model (llama, mistral, qwen2, qwen3) a sleeping hybrid in OUT.
+
+    SRC: a Hugging Face model folder, a Hub repo id (owner/name[@revision]; safetensors and tokenizer
+    files only), a .gguf file, or a bundled model name (smollm2-135m-instruct). The source's
+    attention layers keep their weights; MLP-free SSM blocks are inserted and start as exact
+    no-ops, so before training OUT computes what SRC computes inside every window. The tokenizer
+    and chat template are carried over. --backend loads OUT once to check it.
+
+    \b
+    Examples:
+      lmsleep retrofit smollm2-135m-instruct runs/smol --window 512
+      lmsleep retrofit Qwen/Qwen2.5-1.5B-Instruct runs/qwen --loop 7:21 --passes 4 --dtype bfloat16
+      lmsleep chat runs/smol
+    """
+    from convert.retrofit import retrofit as run_retrofit
+    from convert.retrofit import summary
+    from lmsleep.backends import load_backend
+
+    b = load_backend(backend)
+    report = run_retrofit(src, out, insert=insert, insert_at=insert_at, loop=loop, window=window, eviction=eviction,
+                          passes=passes, ssm_heads=ssm_heads, ssm_head_dim=ssm_head_dim, init=init, dtype=dtype,
+                          backend=b.name, overwrite=force, revision=revision, progress=progress_echo)
+    click.echo(summary(report))
+    model = b.load(out)  # the folder loads in the chosen backend
+    click.echo(f"loaded in {b.name}: {len(model.config.layer_types)} blocks, tokenizer "
+               f"{type(model.tokenizer).__name__}; chat with: lmsleep chat {out}")
+
+
 @cli.command(name="parity")
 @click.argument("model_dir", type=click.Path())
 @click.option("--passes", type=int, help="Sleep passes N (default: the model's).")
