@@ -3,15 +3,17 @@
 import json
 import threading
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from common.config import ModelConfig
 from common.tokenizers import ByteTokenizer
+from common.training import METRICS_FILE, read_metrics
 from lmsleep.cli import cli
 
 torch = pytest.importorskip("torch")
-from sleep_torch import HybridLM, save  # noqa: E402
+from sleep_torch import HybridLM, load, save  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +160,36 @@ def test_text_training_eval_perplexity_and_generation_stop(tmp_path):
 
 
 def test_train_nproc_runs_ddp_with_gloo(tmp_path):
-    out = tmp_path / "ddp"
-    result = run("train", "--task", "rule110", "--task-arg", "width=8", "--task-arg", "states=2", "--preset", "debug",
-                 "--steps", "2", "--set", "batch_size=4", "--set", "eval_interval=0", "--nproc", "2", "--out", out,
-                 "--quiet", "--backend", "torch")
+    """2 gloo ranks under torchrun, each with half of the global batch (2 micro-batches of 2 rows),
+    against one process with all of it: the same losses at every step (the logged loss is averaged
+    over the ranks, so a rank whose weights drifted would show from step 2 on) and the same final
+    weights (rank 0's: only rank 0 writes)."""
+    args = ["train", "--task", "rule110", "--task-arg", "width=8", "--task-arg", "states=2", "--preset", "debug",
+            "--steps", "3", "--grad-accum", "2", "--set", "batch_size=8", "--set", "eval_interval=0",
+            "--set", "log_interval=1", "--quiet", "--backend", "torch"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    result = run(*args, "--nproc", "2", "--out", ddp)
     assert result.exit_code == 0, result.output
-    assert (out / "model" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert (ddp / "model" / "config.json").is_file() and (ddp / "checkpoint").is_dir()
+    result = run(*args, "--out", single)
+    assert result.exit_code == 0, result.output
+    losses = {d: [r["loss"] for r in read_metrics(d / METRICS_FILE)] for d in (ddp, single)}
+    assert len(losses[ddp]) == 3
+    np.testing.assert_allclose(losses[ddp], losses[single], rtol=1e-5)
+    one = dict(load(single / "model").named_parameters())
+    for name, p in load(ddp / "model").named_parameters():
+        torch.testing.assert_close(p, one[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_demo_trains_both_n_and_prints_the_table(tmp_path):
+def test_demo_trains_both_n_and_prints_the_table(tmp_path, monkeypatch):
+    from lmsleep import workflows
+
+    train = workflows.run_train
+
+    def small_evals(backend, task, mc, tc, out, **kwargs):  # 8 eval examples instead of 256: most of the time
+        return train(backend, task, mc, tc.replace(eval_samples=8), out, **kwargs)
+
+    monkeypatch.setattr(workflows, "run_train", small_evals)
     result = run("demo", "--steps", "2", "--batch-size", "4", "--out", tmp_path / "demo", "--backend", "torch")
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())

@@ -48,21 +48,36 @@ def run_both(tmp_path, tc):
     return losses["torch"], losses["mlx"]
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """weight_decay -> (folder, torch losses, mlx losses), each pair of runs trained once per module:
+    the decay case compares against the no-decay runs instead of training them again."""
+    done = {}
+
+    def get(wd):
+        if wd not in done:
+            tc = TRAIN_PRESETS["debug"].replace(steps=20, warmup_steps=5, batch_size=8, eval_interval=0,
+                                                save_interval=0, log_interval=1, weight_decay=wd)
+            folder = tmp_path_factory.mktemp(f"wd{wd}")
+            done[wd] = (folder, *run_both(folder, tc))
+        return done[wd]
+
+    return get
+
+
 @pytest.mark.parametrize("wd", WEIGHT_DECAY.values(), ids=list(WEIGHT_DECAY))
-def test_first_20_training_steps_match(tmp_path, wd):
-    tc = TRAIN_PRESETS["debug"].replace(steps=20, warmup_steps=5, batch_size=8, eval_interval=0, save_interval=0,
-                                        log_interval=1, weight_decay=wd)
-    ref, out = run_both(tmp_path, tc)
+def test_first_20_training_steps_match(runs, wd):
+    folder, ref, out = runs(wd)
     assert len(ref) == len(out) == 20
     rel = np.abs(out - ref) / np.abs(ref)
     print(f"weight_decay={wd}: max relative loss difference over 20 steps {rel.max():.2e} "
           f"(steps 1-10 {rel[:10].max():.2e}, 11-20 {rel[10:].max():.2e})")
     assert rel.max() <= LOSS_RTOL, f"step {rel.argmax() + 1}: torch {ref[rel.argmax()]} vs mlx {out[rel.argmax()]}"
-    t_weights = dict(sleep_torch.load(tmp_path / "torch" / "model").named_parameters())
-    for name, p in tree_flatten(sleep_mlx.load(tmp_path / "mlx" / "model").parameters()):
+    t_weights = dict(sleep_torch.load(folder / "torch" / "model").named_parameters())
+    for name, p in tree_flatten(sleep_mlx.load(folder / "mlx" / "model").parameters()):
         assert_close(f"final {name}", t_weights[name], p, rtol=WEIGHT_RTOL)
     if wd:  # the decay really acts: it moves the losses far more than the tolerance
-        no_decay, _ = run_both(tmp_path / "nodecay", tc.replace(weight_decay=0.0))
+        _, no_decay, _ = runs(0.0)
         assert np.abs(no_decay - ref).max() / np.abs(ref).max() > 20 * LOSS_RTOL
 
 

@@ -1,4 +1,6 @@
-"""sleep_torch.train: schedule, loss alignment, optimizer split, checkpoints, exact resume, NaN stop, DDP.
+"""sleep_torch.train: schedule, loss alignment, optimizer split, checkpoints, exact resume, NaN stop.
+
+DDP (2 gloo ranks == one process) is checked through the CLI: tests/test_cli.py::test_train_nproc_runs_ddp_with_gloo.
 
 Runs use the debug preset on a tiny Rule 110 (width 8, 2 states: T = 19, windows of 8), a few
 steps each, so the default set stays well under a minute and a half on 2 CPU cores.
@@ -7,8 +9,6 @@ steps each, so the default set stays well under a minute and a half on 2 CPU cor
 import hashlib
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +25,6 @@ from common.tasks import make, rule110_majority_baseline
 from sleep_torch.model import HybridLM
 from sleep_torch.train import TrainingError, build_optimizers, lr_at, masked_loss, train
 
-REPO = Path(__file__).resolve().parents[2]
 TASK = dict(width=8, states=2, steps=0)
 
 
@@ -249,31 +248,6 @@ def test_module_entry_point(tmp_path, capsys):
     rc = train_mod.main(["--task", "rule110", "--preset", "debug", "--out", str(tmp_path / "bad"),
                          "--set", "window=5", "--no-progress"])
     assert rc == 1 and "window" in capsys.readouterr().err
-
-
-def test_ddp_two_ranks_match_one_process(tmp_path):
-    """2 gloo ranks on CPU, each with half of the same global batch == one process with all of it."""
-    task, mc = task_and_config()
-    tc = small_run(steps=3, grad_accum=2)  # 2 ranks x 2 micro-batches of 2 rows
-    train(task, mc, tc, tmp_path / "single", progress=False)
-    run = json.dumps({"task": {"name": task.name, "params": task.params}, "model": mc.to_dict(),
-                      "train": tc.to_dict()})
-    out, init = tmp_path / "ddp", tmp_path / "rendezvous"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(key, None)
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests/torch/ddp_worker.py"), str(r), "2", str(init),
-                               str(out), run], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = [p.communicate(timeout=120)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
-    single = weights(tmp_path / "single" / "model")
-    for name in single:
-        assert torch.equal(r0[name], r1[name]), name
-        torch.testing.assert_close(r0[name], single[name], atol=1e-5, rtol=1e-4, msg=name)
-    np.testing.assert_allclose(losses(out), losses(tmp_path / "single"), rtol=1e-5)
-    assert len(losses(out)) == 3 and (out / "checkpoint").is_dir()  # only rank 0 writes
 
 
 @pytest.mark.slow
