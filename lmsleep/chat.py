@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from common.conversation import Conversation
+
 HELP = ("commands: /reset (forget everything), /sleep (consolidate the current window now), "
         "/save FILE, /load FILE (memory files), /stats, /help, /quit")
 
@@ -21,12 +23,15 @@ class ChatSession:
     """One conversation: user turns are fed through `step`, replies come from `generate`."""
 
     def __init__(self, model, tokenizer, generate: Callable, *, sampling: dict, stop: list[int],
-                 no_grad=contextlib.nullcontext, echo: Callable[..., None] | None = None):
+                 no_grad=contextlib.nullcontext, echo: Callable[..., None] | None = None,
+                 conversation: Conversation | None = None):
         self.model, self.tokenizer, self.generate = model, tokenizer, generate
         self.sampling, self.stop, self.no_grad = sampling, stop, no_grad
+        self.conversation = conversation or Conversation()  # what each turn feeds (chat template or a line)
         self.echo = echo or (lambda text, nl=True: print(text, end="\n" if nl else "", flush=True))
         self.state = model.new_state(1)
         self.sleeper: threading.Thread | None = None  # the between-turns sleep, if one is running
+        self.reply_tokens = 0  # tokens of the last reply
 
     # --- background sleep --------------------------------------------------------------------------
     def start_sleep_if_due(self) -> None:
@@ -65,21 +70,28 @@ class ChatSession:
         return True
 
     def reply(self, text: str) -> str:
+        """Feed the user's turn (only what it adds), stream the reply as it is generated."""
         try:
-            ids = self.tokenizer.encode(text + "\n")
+            ids = self.tokenizer.encode(self.conversation.user_turn(text))
         except ValueError as e:
             self.write(f"error: {e}")
             return ""
-        pieces = []
+        tokens, shown = [], ""
         with self.no_grad():
             for token in self.generate(self.model, ids, state=self.state, stop=self.stop, **self.sampling):
                 if token in self.stop:
                     break
-                pieces.append(self.tokenizer.decode([token]))
-                self.echo(pieces[-1], nl=False)
-        self.echo("")
+                tokens.append(token)
+                text_so_far = self.tokenizer.decode(tokens)
+                if not text_so_far.endswith("\ufffd"):  # hold back a multi-byte character cut in two
+                    self.echo(text_so_far[len(shown):], nl=False)
+                    shown = text_so_far
+        reply = self.tokenizer.decode(tokens)
+        self.reply_tokens = len(tokens)  # generated and fed back (the stop token is fed with the next turn)
+        self.echo(reply[len(shown):])
+        self.conversation.assistant_done(reply)
         self.start_sleep_if_due()
-        return "".join(pieces)
+        return reply
 
     def write(self, line: str) -> None:
         self.echo(line)
@@ -87,6 +99,7 @@ class ChatSession:
     # --- commands ----------------------------------------------------------------------------------
     def _reset(self, _):
         self.state = self.model.new_state(1)
+        self.conversation.reset()
         self.write("[memory cleared]")
 
     def _force_sleep(self, _):
@@ -97,8 +110,8 @@ class ChatSession:
 
     def _stats(self, _):
         s = self.state
-        self.write(f"[tokens seen {s.seen}, sleeps {s.sleeps}, window {s.offset}/{self.model.config.window}, "
-                   f"memory {s.nbytes() / 1024:.1f} KiB]")
+        self.write(f"[turns {self.conversation.turns}, tokens seen {s.seen}, sleeps {s.sleeps}, "
+                   f"window {s.offset}/{self.model.config.window}, memory {s.nbytes() / 1024:.1f} KiB]")
 
     def _save(self, path):
         if not path:

@@ -270,11 +270,15 @@ def generate(model_dir, prompt, verbose, max_tokens, temp, top_k, top_p, seed, p
 @cli.command()
 @click.argument("model_dir", type=click.Path())
 @click.option("--memory", type=click.Path(dir_okay=False), help="Start from a memory file (written by /save).")
+@click.option("--system", help="System message (models with a chat template).")
 @sampling_options
 @backend_option
 @user_errors
-def chat(model_dir, memory, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend):
+def chat(model_dir, memory, system, max_tokens, temp, top_k, top_p, seed, passes, dtype, backend):
     """Chat with a model; it sleeps between turns and its memory stays constant.
+
+    Models with a chat template (retrofitted ones) get each turn rendered by it; only the text a
+    turn adds is fed, so the conversation's past is never read again: it lives in the State.
 
     \b
     In the REPL:
@@ -282,8 +286,9 @@ def chat(model_dir, memory, max_tokens, temp, top_k, top_p, seed, passes, dtype,
       /save FILE      write a memory file       /load FILE   continue from a memory file
       /stats          tokens seen, sleeps, memory in use     /quit
     \b
-    Example:
+    Examples:
       lmsleep chat runs/text/model --temp 0.7
+      lmsleep chat runs/smol --system "You are terse."
     """
     from lmsleep import workflows as wf
     from lmsleep.chat import ChatSession, run_repl
@@ -291,7 +296,8 @@ def chat(model_dir, memory, max_tokens, temp, top_k, top_p, seed, passes, dtype,
     b, model, tok = wf.load_for_generation(backend, model_dir, dtype)
     sampling = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed, passes=passes)
     session = ChatSession(model, tok, b.generate, sampling=sampling, stop=wf.stop_ids(tok), no_grad=b.no_grad,
-                          echo=lambda text, nl=True: click.echo(text, nl=nl))
+                          echo=lambda text, nl=True: click.echo(text, nl=nl),
+                          conversation=wf.conversation_for(model_dir, tok, system))
     if memory:
         if not os.path.isfile(memory):
             raise UserError(f"{memory}: no such memory file")

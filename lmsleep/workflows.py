@@ -113,8 +113,30 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def stop_ids(tokenizer) -> list[int]:
+    """Tokens that end a reply: a pretrained tokenizer's stop tokens (end of turn, eos), else eot."""
+    stops = getattr(tokenizer, "stop_ids", None)
+    if stops is not None:
+        return [i for i in stops if i is not None]
     eot = getattr(tokenizer, "eot_id", None)
     return [eot] if eot is not None else []
+
+
+def conversation_for(model_dir, tokenizer, system: str | None = None):
+    """The Conversation a chat with this model folder uses: its chat template when it has one."""
+    from common.conversation import Conversation
+
+    path = Path(model_dir) / "chat_template.jinja"
+    if getattr(tokenizer, "kind", None) == "hf" and path.is_file():
+        from common.chat_template import ChatTemplate
+
+        template = ChatTemplate(path.read_text(encoding="utf-8"), **tokenizer.special_tokens())
+        return Conversation(template, system=system)
+    newline = True
+    try:
+        tokenizer.encode("\n")
+    except ValueError:  # a task vocabulary without a newline: a turn is the line itself
+        newline = False
+    return Conversation(None, system=system, newline=newline)
 
 
 __all__ = ["build_run", "run_train", "launch_distributed", "model_task", "run_eval", "plot_eval", "format_table",
