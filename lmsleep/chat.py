@@ -110,8 +110,8 @@ class ChatSession:
 
     def _stats(self, _):
         s = self.state
-        self.write(f"[turns {self.conversation.turns}, tokens seen {s.seen}, sleeps {s.sleeps}, "
-                   f"window {s.offset}/{self.model.config.window}, memory {s.nbytes() / 1024:.1f} KiB]")
+        self.write(f"[tokens seen {s.seen}, sleeps {s.sleeps}, window {s.offset}/{self.model.config.window}, "
+                   f"memory {s.nbytes() / 1024:.1f} KiB, turns {self.conversation.turns}]")
 
     def _save(self, path):
         if not path:
