@@ -111,7 +111,7 @@ class ChatSession:
     def _stats(self, _):
         s = self.state
         self.write(f"[tokens seen {s.seen}, sleeps {s.sleeps}, window {s.offset}/{self.model.config.window}, "
-                   f"memory {s.nbytes() / 1024:.1f} KiB, turns {self.conversation.turns}]")
+                   f"memory {s.nbytes() / 1024:.1f} KiB]")
 
     def _save(self, path):
         if not path:
