@@ -7,6 +7,8 @@ window-relative positions), and sleep is Algorithm 1 literally: prelude once, lo
 from S_w, coda once from S_w on the last loop's output.
 
     reference_logits(config, weights, tokens, passes=None) -> logits [B, T, V] float64
+        (SPEC section 2 models only: the section 7 additions, GQA, biases, qk-norm and MLP-free
+        blocks, are not modelled, and their weight names fail the name check loudly)
     random_weights(config, seed) -> {canonical name: float32 array}, scaled so that every part of
         the model (peaked attention, open and closed gates, norm weights) changes the logits.
 """
@@ -136,10 +138,11 @@ def reference_logits(config: ModelConfig, weights: dict, tokens, passes: int | N
         x = W["embed.weight"][tokens[:, start:start + L]]  # (B, t, d)
 
         # Wake: all blocks once from S_w; its logits are the predictions for this window.
-        h, wake_kv, wake_S = x, {}, {}
+        h, wake_kv = x, {}
         for i in range(D):
             h, extra = block(c, W, i, h, positions, cache.get(i), S_w.get(i))
-            (wake_kv if i in attn else wake_S)[i] = extra
+            if i in attn:
+                wake_kv[i] = extra  # its SSM states are not kept: sleep starts again from S_w
         logits.append(rmsnorm(h, W["norm.weight"], c.norm_eps) @ head.T)
         if len(positions) < L:
             break  # a partial final window is woken, not slept
