@@ -319,9 +319,11 @@ def chat(model_dir, memory, system, max_tokens, temp, top_k, top_p, seed, passes
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @user_errors
 def convert_(src, dst, to, dtype, bits, group_size, dequantize, force):
-    """Convert a model folder or a training checkpoint SRC into a model folder DST for a backend.
+    """Convert a model folder or a training checkpoint SRC for another backend into DST.
 
-    SRC may be a model folder, a trainer's OUT/checkpoint (optimizer state is dropped), or any
+    SRC may be a model folder, a trainer's OUT/checkpoint (DST is then a checkpoint that the target
+    backend resumes with `lmsleep train ... --resume`, optimizer state included; with --dtype it
+    becomes a plain model folder), or any
     safetensors file/folder with a config.json beside it (`module.` / `_orig_mod.` prefixes are
     stripped). Tensors are copied bit for bit unless --dtype or --quantize asks otherwise.
 
