@@ -93,6 +93,41 @@ def config_document(config: ModelConfig, tokenizer: dict | None = None, **extra)
     return doc
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a pretrained model's chat template, beside config.json
+
+
+def companion_files(tokenizer=None, chat_template: str | None = None) -> dict[str, str]:
+    """{file name: text} a model folder carries beside config.json: a pretrained ("hf") tokenizer's
+    tokenizer.json and the chat template. Task tokenizers live inside config.json and need none."""
+    files = {}
+    if tokenizer is not None and hasattr(tokenizer, "to_json"):
+        files[tokenizer.file] = tokenizer.to_json()
+    if chat_template:
+        files[CHAT_TEMPLATE_FILE] = chat_template
+    return files
+
+
+def read_companions(folder: str | os.PathLike, doc: dict) -> dict[str, str]:
+    """The companion files of a model folder (named by its tokenizer block, plus the chat template)."""
+    folder = Path(folder)
+    names = [CHAT_TEMPLATE_FILE]
+    block = doc.get("tokenizer")
+    if isinstance(block, dict) and block.get("type") == "hf":
+        names.append(block.get("file", "tokenizer.json"))
+    return {name: (folder / name).read_text(encoding="utf-8") for name in names
+            if isinstance(name, str) and "/" not in name and (folder / name).is_file()}
+
+
+def write_companions(folder: str | os.PathLike, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (Path(folder) / name).write_text(text, encoding="utf-8")
+
+
+def read_chat_template(folder: str | os.PathLike) -> str | None:
+    path = Path(folder) / CHAT_TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def read_json_file(path: Path, missing: str):
     """The parsed JSON at `path`; CheckpointError "PATH: missing (<missing>)" or "PATH: not valid JSON"."""
     if not path.is_file():

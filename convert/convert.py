@@ -69,7 +69,8 @@ def convert_model(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, dt
             if name not in file_of:
                 file_of[name] = file_of[name.rsplit(".", 1)[0] + ".weight"]
         doc["quantization"] = {"bits": quantize_bits, "group_size": group_size, "layers": layers}
-    _write_folder(dst, tensors, file_of, doc, {**meta, "format": ckpt.FORMAT, "backend": to}, overwrite)
+    _write_folder(dst, tensors, file_of, doc, {**meta, "format": ckpt.FORMAT, "backend": to}, overwrite,
+                  companions=ckpt.read_companions(src, doc))
     report = _report("model", src, dst, to, tensors, doc.get("quantization"))
     if quantize_bits is not None:
         report["quantization_error"] = qz.quantization_error(src, dst)
@@ -113,7 +114,9 @@ def convert_training_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, 
     meta = {"format": ckpt.FORMAT, "backend": to}
     trainer = _trainer_files(src, config, to) if resumable else None
     extra_files = (lambda tmp: _write_trainer_files(tmp, *trainer, meta)) if trainer else None
-    _write_folder(dst, tensors, dict.fromkeys(tensors, ckpt.WEIGHTS_FILE), doc, meta, overwrite, extra_files)
+    companions = ckpt.read_companions(src if src.is_dir() else src.parent, doc)
+    _write_folder(dst, tensors, dict.fromkeys(tensors, ckpt.WEIGHTS_FILE), doc, meta, overwrite, extra_files,
+                  companions)
     report = _report("training checkpoint", src, dst, to, tensors, None)
     if trainer:
         report.update(resumable=True, step=trainer[2]["step"], converted_from=trainer[2].get("converted_from"),
@@ -202,9 +205,9 @@ def _read_folder(folder, where: dict[str, Path], config: ModelConfig, quant: dic
 
 
 def _write_folder(dst, tensors: dict[str, Raw], file_of: dict[str, str], doc: dict, meta: dict,
-                  overwrite: bool, extra_files=None) -> None:
-    """Atomically write config.json + the weight files (+ index when sharded) and whatever
-    extra_files(tmp) writes beside them; validated before it appears."""
+                  overwrite: bool, extra_files=None, companions: dict[str, str] | None = None) -> None:
+    """Atomically write config.json + the weight files (+ index when sharded), the companion files
+    (tokenizer.json, chat template) and whatever extra_files(tmp) writes; validated before it appears."""
     files = list(dict.fromkeys(file_of[n] for n in tensors))
     with ckpt.atomic_folder(dst, overwrite=overwrite) as tmp:
         for fname in files:
@@ -214,6 +217,7 @@ def _write_folder(dst, tensors: dict[str, Raw], file_of: dict[str, str], doc: di
                      "weight_map": {n: file_of[n] for n in tensors}}
             ckpt.write_json(tmp / ckpt.INDEX_FILE, index)
         ckpt.write_json(tmp / ckpt.CONFIG_FILE, doc)
+        ckpt.write_companions(tmp, companions or {})
         if extra_files:
             extra_files(tmp)
         ckpt.validate_folder(tmp)

@@ -27,15 +27,17 @@ def save(model: HybridLM, path: str | os.PathLike, *, dtype: str | None = None, 
     params = dict(tree_flatten(model.parameters()))
     tensors = {name: params[name].astype(DTYPES[dtype]) if dtype else params[name]
                for name in ckpt.param_shapes(model.config)}  # canonical order: same shards as torch
+    files = ckpt.companion_files(getattr(model, "tokenizer", None), getattr(model, "chat_template", None))
     if tokenizer is None and getattr(model, "tokenizer", None) is not None:
         tokenizer = model.tokenizer.to_dict()
     write_tensors(path, tensors, ckpt.config_document(model.config, tokenizer, **extra),
-                  shard_size=shard_size, overwrite=overwrite)
+                  shard_size=shard_size, overwrite=overwrite, files=files)
 
 
 def write_tensors(path, tensors: dict[str, mx.array], config_doc: dict, *, shard_size=None,
-                  overwrite=False) -> None:
-    """Atomically write a folder: config.json + safetensors shards (+ index when sharded)."""
+                  overwrite=False, files: dict[str, str] | None = None) -> None:
+    """Atomically write a folder: config.json + safetensors shards (+ index when sharded) + `files`
+    (name -> text: a pretrained tokenizer's tokenizer.json, the chat template)."""
     sizes = {n: t.nbytes for n, t in tensors.items()}
     shards = ckpt.plan_shards(sizes, shard_size)
     with ckpt.atomic_folder(path, overwrite=overwrite) as tmp:
@@ -45,6 +47,7 @@ def write_tensors(path, tensors: dict[str, mx.array], config_doc: dict, *, shard
         if len(shards) > 1:
             ckpt.write_json(tmp / ckpt.INDEX_FILE, ckpt.index_document(shards, sum(sizes.values())))
         ckpt.write_json(tmp / ckpt.CONFIG_FILE, config_doc)
+        ckpt.write_companions(tmp, files or {})
 
 
 def read_tensors(path) -> tuple[dict, dict[str, mx.array]]:
@@ -69,6 +72,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> HybridLM:
     model.set_dtype(DTYPES[dtype] if dtype else stored)
     model.load_arrays(tensors)
     model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
+    model.chat_template = ckpt.read_chat_template(path)
     return model
 
 
@@ -93,4 +97,5 @@ def _load_quantized(path, config, doc: dict, dtype: str | None) -> HybridLM:
     nn.quantize(model, group_size=group, bits=bits, class_predicate=lambda name, m: name in listed)
     model.load_arrays(tensors)
     model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
+    model.chat_template = ckpt.read_chat_template(path)
     return model

@@ -25,15 +25,17 @@ def save(model: HybridLM, path: str | os.PathLike, *, dtype: str | None = None, 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tensors = {name: (p.detach().to(DTYPES[dtype]) if dtype else p.detach()).cpu().contiguous()
                for name, p in model.named_parameters()}
+    files = ckpt.companion_files(getattr(model, "tokenizer", None), getattr(model, "chat_template", None))
     if tokenizer is None and getattr(model, "tokenizer", None) is not None:
         tokenizer = model.tokenizer.to_dict()
     write_tensors(path, tensors, ckpt.config_document(model.config, tokenizer, **extra),
-                  shard_size=shard_size, overwrite=overwrite)
+                  shard_size=shard_size, overwrite=overwrite, files=files)
 
 
 def write_tensors(path, tensors: dict[str, torch.Tensor], config_doc: dict, *, shard_size=None,
-                  overwrite=False) -> None:
-    """Atomically write a folder: config.json + safetensors shards (+ index when sharded)."""
+                  overwrite=False, files: dict[str, str] | None = None) -> None:
+    """Atomically write a folder: config.json + safetensors shards (+ index when sharded) + `files`
+    (name -> text: a pretrained tokenizer's tokenizer.json, the chat template)."""
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
     shards = ckpt.plan_shards(sizes, shard_size)
     with ckpt.atomic_folder(path, overwrite=overwrite) as tmp:
@@ -43,6 +45,7 @@ def write_tensors(path, tensors: dict[str, torch.Tensor], config_doc: dict, *, s
         if len(shards) > 1:
             ckpt.write_json(tmp / ckpt.INDEX_FILE, ckpt.index_document(shards, sum(sizes.values())))
         ckpt.write_json(tmp / ckpt.CONFIG_FILE, config_doc)
+        ckpt.write_companions(tmp, files or {})
 
 
 def read_tensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -67,4 +70,5 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, device: str | tor
     model.to(DTYPES[dtype] if dtype else stored)
     model.load_arrays(tensors)
     model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
+    model.chat_template = ckpt.read_chat_template(path)
     return model.to(device) if device is not None else model

@@ -42,6 +42,7 @@ class HybridLM(nn.Module):
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.checkpoint_windows = False  # recompute each window in backward (training memory)
         self.tokenizer = None  # set by `load` from the folder's config.json
+        self.chat_template = None  # a pretrained model's chat template (chat_template.jinja), set by `load`
         self.tracer = None  # optional callback(stage, index, tensor) for parity checks (convert.parity)
         if seed is not None:  # None: weights are about to be loaded, skip drawing them
             self.load_arrays(init_params(c, seed))

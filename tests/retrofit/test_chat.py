@@ -100,3 +100,20 @@ def test_chat_cli_with_a_retrofitted_model(tiny_chat_model):
                                 input="hello\nhow are you?\n/stats\n/quit\n")
     assert result.exit_code == 0, result.output
     assert "[tokens seen" in result.output and result.output.count("\n") >= 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_save_and_convert_keep_the_tokenizer_and_chat_template(tiny_chat_model, tmp_path, backend):
+    from common.backends import require
+    from convert.convert import convert_path
+
+    pkg = require(backend).module()
+    model = pkg.load(tiny_chat_model)
+    assert model.chat_template and model.tokenizer.kind == "hf"
+    pkg.save(model, tmp_path / "saved")
+    convert_path(tiny_chat_model, tmp_path / "converted", to=backend)
+    for folder in (tmp_path / "saved", tmp_path / "converted"):
+        for name in ("tokenizer.json", "chat_template.jinja"):
+            assert (folder / name).read_text() == (tiny_chat_model / name).read_text()
+        again = pkg.load(folder)
+        assert again.tokenizer.encode("hello <|im_end|>") == model.tokenizer.encode("hello <|im_end|>")

@@ -152,3 +152,32 @@ def test_plan_defaults_middle_half_and_quarter_of_the_layers():
         plan_mod.plan(arch, loop="9:3")
     with pytest.raises(ValueError, match="--insert-at"):
         plan_mod.plan(arch, insert_at=[29])
+
+
+def test_convert_quantize_parity_and_memory_files_work_on_a_retrofitted_folder(sources, tmp_path):
+    """convert, quantize, parity and memory files need nothing retrofit-specific."""
+    from convert.convert import convert_path
+    from convert.parity import parity
+
+    _, folder = sources["qwen2-bias-untied"]
+    out = tmp_path / "r"
+    retrofit(folder, out, window=8, passes=2, insert=2)
+    mlx_dir = tmp_path / "r-mlx"
+    convert_path(out, mlx_dir, to="mlx")
+    for name in ("tokenizer.json", "chat_template.jinja", "config.json"):
+        assert (mlx_dir / name).exists() == (out / name).exists()
+    assert json.loads((mlx_dir / "config.json").read_text())["retrofit"] == \
+        json.loads((out / "config.json").read_text())["retrofit"]
+    report = parity(out, tokens=20, gen_tokens=10)
+    assert report.ok, report.format_table()
+    convert_path(out, tmp_path / "r-q8", to="mlx", quantize_bits=8, group_size=32)
+    assert sleep_mlx.load(tmp_path / "r-q8").config == sleep_torch.load(out).config
+    t_model, m_model = sleep_torch.load(out).eval(), sleep_mlx.load(mlx_dir)
+    ids = np.random.default_rng(3).integers(0, 300, (1, 13))
+    with torch.no_grad():
+        _, state = t_model.step(torch.as_tensor(ids[:, :11]), t_model.new_state(1))
+        t_model.save_state(state, tmp_path / "mem.safetensors")
+        expected, _ = t_model.step(torch.as_tensor(ids[:, 11:]), state)
+    loaded = m_model.load_state(tmp_path / "mem.safetensors")  # written by torch, read by MLX
+    got, _ = m_model.step(mx.array(ids[:, 11:], dtype=mx.int32), loaded)
+    assert rel_err(expected.numpy(), np.array(got)) <= RTOL
