@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from lmsleep.cli import cli
+from tests.retrofit.conftest import tiny_bpe, tiny_gguf  # noqa: F401 (fixtures for the retrofit session)
 
 pytest.importorskip("mlx.core")
 pytest.importorskip("torch")
@@ -40,3 +41,26 @@ def test_readme_mac_session_runs_with_mlx(tmp_path, monkeypatch):
         assert result.exit_code == 0, f"{line}\n{result.output}"
     assert Path("mem.safetensors").is_file()
     assert Path("runs/notes-torch/config.json").is_file() and Path("runs/notes-q4/config.json").is_file()
+
+
+def retrofit_session_lines() -> list[str]:
+    block = re.search(r"<!-- retrofit-session.*?```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_retrofit_session_runs(tmp_path, monkeypatch, tiny_gguf):
+    """The retrofit lines, with a tiny GGUF (written by tests/retrofit/conftest.py) as the source."""
+    _, gguf_path = tiny_gguf
+    monkeypatch.chdir(tmp_path)
+    lines = retrofit_session_lines()
+    assert [ln.split()[1] for ln in lines] == ["retrofit", "chat", "generate", "parity"]
+    for line in lines:
+        args = [str(gguf_path) if a == "smollm2-135m-instruct" else a for a in shlex.split(line)[1:]]
+        if args[0] == "retrofit":
+            args += ["--backend", "torch"]
+        if args[0] in ("chat", "generate"):
+            args += ["--backend", "torch", "--max-tokens", "4"][: 4 if args[0] == "chat" else 2]
+        stdin = "What is the capital of France?\n/stats\n/quit\n" if args[0] == "chat" else None
+        result = CliRunner().invoke(cli, args, input=stdin)
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+    assert Path("runs/smol/chat_template.jinja").is_file()
