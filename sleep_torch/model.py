@@ -41,9 +41,9 @@ class HybridLM(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.checkpoint_windows = False  # recompute each window in backward (training memory)
-        self.tokenizer = None  # set by `load` from the folder's config.json
-        self.chat_template = None  # a pretrained model's chat template (chat_template.jinja), set by `load`
-        self.tracer = None  # optional callback(stage, index, tensor) for parity checks (convert.parity)
+        # Set by `load`: the folder's tokenizer and (pretrained models) chat template. `tracer`: an optional
+        # callback(stage, index, tensor) that convert.parity uses to record every stage.
+        self.tokenizer = self.chat_template = self.tracer = None
         if seed is not None:  # None: weights are about to be loaded, skip drawing them
             self.load_arrays(init_params(c, seed))
 

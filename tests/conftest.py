@@ -29,3 +29,13 @@ def assert_close(name, ref, out, *, atol=0.0, rtol=1e-5):
 @pytest.fixture
 def close():
     return assert_close
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (bit-for-bit comparisons of runs; no OpenMP spinning)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,11 +31,8 @@ WEIGHT_DECAY = {"wd0": 0.0, "wd0.5": 0.5}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def run_both(tmp_path, tc):

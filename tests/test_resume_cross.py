@@ -33,11 +33,8 @@ DIRECTIONS = [("torch", "mlx"), ("mlx", "torch")]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def setup():

@@ -32,11 +32,8 @@ CONFIG = ModelConfig.from_name("debug", n_layers=4, eviction="sliding")  # d_mod
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
