@@ -141,6 +141,7 @@ def read_json_file(path: Path, missing: str):
 def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """Read and validate a folder's config.json -> (ModelConfig, the whole document)."""
     path = Path(folder) / CONFIG_FILE
+    recover_folder(folder)  # a replacement killed half-way leaves the folder under another name
     if not Path(folder).is_dir():
         raise CheckpointError(f"{folder}: not a model folder (no such directory)")
     doc = read_json_file(path, "not an lm-sleep model folder")
@@ -277,7 +278,7 @@ def validate_folder(folder: str | os.PathLike) -> tuple[ModelConfig, dict, dict[
     return config, doc, where
 
 
-# --- sharding and atomic writes ------------------------------------------------------------------
+# --- sharding ------------------------------------------------------------------------------------
 
 def plan_shards(sizes: dict[str, int], shard_size: int | None) -> list[list[str]]:
     """Split names (in order) into groups of at most shard_size bytes (one group when None)."""
@@ -303,45 +304,157 @@ def index_document(shards: list[list[str]], total_bytes: int) -> dict:
             "weight_map": {name: files[i] for i, names in enumerate(shards) for name in names}}
 
 
+# --- crash-safe writes ---------------------------------------------------------------------------
+# A folder X is replaced so that a kill at any instant leaves a complete copy, old or new, that
+# the next reader finds (docs/FORMAT.md, "Crash-safe writes"; docs/DESIGN.md says why):
+#   1. write into .X.tmp-<id>                      incomplete until renamed: never used, deleted later
+#   2. fsync it, rename it to .X.new-<id>          the rename is the "complete" marker
+#   3. rename X (if any) to .X.old-<id>            X was complete, so .old is
+#   4. rename .X.new-<id> to X
+#   5. delete .X.old-<id>
+# recover_folder(X) runs before every write and in the readers of model folders and training
+# checkpoints: when X is missing it renames the newest .X.new-* (else .X.old-*) to X, then deletes
+# every leftover. <id> is "<pid>-<random>": leftovers of a process that still runs (a concurrent
+# writer) are left alone. A single file is replaced by one rename of .NAME.tmp-<id> (atomic_file).
+_TMP, _NEW, _OLD = "tmp", "new", "old"
+crash_hook = None  # tests only: called with the name of each step of atomic_folder, to kill the process there
+
+
+def _step(name: str) -> None:
+    if crash_hook is not None:
+        crash_hook(name)
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    """The .PATH.<kind>-<id> siblings of path, newest first."""
+    prefix = f".{path.name}.{kind}-"
+    try:
+        found = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:  # no parent folder (yet), or not a folder: nothing left over
+        return []
+    return sorted(found, key=lambda p: p.lstat().st_mtime_ns, reverse=True)
+
+
+def _owner_alive(path: Path, kind: str) -> bool:
+    """Whether the process that made this leftover still runs (then it may be writing it now)."""
+    pid = path.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
+    if not pid.isdigit():  # not made by this code (an older version's): nobody writes it now
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete: left for later
+            path.unlink()
+
+
+def recover_folder(path: str | os.PathLike) -> None:
+    """Finish what a killed atomic_folder left: put back a complete copy when `path` is missing,
+    delete the temporaries of processes that are gone."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        complete = [p for kind in (_NEW, _OLD) for p in _leftovers(path, kind) if not _owner_alive(p, kind)]
+        if complete:
+            try:
+                os.rename(complete[0], path)
+            except OSError as e:
+                raise CheckpointError(f"{path}: missing; an interrupted write left a complete copy in "
+                                      f"{complete[0]} that cannot be moved back ({e.strerror})") from None
+            _fsync_dir(path.parent)
+    for kind in (_TMP, _NEW, _OLD):
+        for p in _leftovers(path, kind):
+            if not _owner_alive(p, kind):
+                _remove(p)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some platforms and file systems cannot sync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk, so that the rename marking it complete comes after its data."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
+    """Yield a temporary folder beside `path`; on success it replaces `path` (steps 1-5 above).
 
-    An existing `path` is refused unless overwrite=True; on any error the temporary folder is
-    removed and `path` is left exactly as it was.
+    An existing `path` is refused unless overwrite=True. On an error the temporaries are removed and
+    `path` is left as it was; after a kill, recover_folder (run by the next write or read) finds the
+    old or the new complete copy.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    recover_folder(path)
+    if os.path.lexists(path) and not overwrite:
         raise CheckpointError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
+    ident = tmp.name.rsplit(f".{_TMP}-", 1)[1]
+    new, old = path.with_name(f".{path.name}.{_NEW}-{ident}"), path.with_name(f".{path.name}.{_OLD}-{ident}")
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _step("written")
+        _fsync_tree(tmp)
+        _step("synced")
+        os.rename(tmp, new)
+        _fsync_dir(path.parent)
+        _step("sealed")
+        if os.path.lexists(path):
+            os.rename(path, old)
+            _step("moved-old")
+        os.rename(new, path)
+        _fsync_dir(path.parent)
+        _step("placed")
+        _remove(old)
+        _step("removed-old")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(path) and os.path.lexists(old):  # an error (not a kill) between 3 and 4
+            os.rename(old, path)
+        for p in (tmp, new, old):
+            _remove(p)
         raise
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, overwrite: bool = True):
-    """Yield a temporary file path beside `path`; on success rename it onto `path`."""
+    """Yield a temporary file path beside `path`; on success it replaces `path` in one rename.
+    Temporaries left by killed processes are deleted first."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    for p in _leftovers(path, _TMP):
+        if not _owner_alive(p, _TMP):
+            _remove(p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.checkpoint import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, CheckpointError, atomic_file, atomic_folder,
-                               config_document, param_shapes, read_json_file, write_json)
+                               config_document, param_shapes, read_json_file, recover_folder, write_json)
 from common.config import PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, parse_override, split_overrides
 from common.tasks.base import Batch
 
@@ -306,26 +306,50 @@ class MetricsLog:
     """Appends one JSON object per line to out_dir/metrics.jsonl.
 
     On resume from step s, lines logged after s by the interrupted run are dropped first, so the
-    file reads as one uninterrupted run.
+    file reads as one uninterrupted run; a last line torn by a kill is dropped with a note.
     """
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in parse_metrics(self.path, note=True) if r.get("step", 0) <= resume_step]
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
+def parse_metrics(path: str | os.PathLike, *, note: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl. A last line that is not JSON was torn by a kill mid-write: it
+    is dropped (with a note on stderr when `note`); a bad line before it is a ValueError naming the file
+    and line."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            if i == len(lines) - 1:
+                if note:
+                    print(f"note: {path}:{i + 1}: dropped a torn last line (a write cut short by a crash)",
+                          file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{i + 1}: not a metrics record (a JSON object with an integer step); "
+                             "fix or delete that line")
+        records.append(record)
+    return records
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return parse_metrics(path)
 
 
 # --- trainer_state.json -----------------------------------------------------------------------------
@@ -359,6 +383,7 @@ def read_trainer_state(folder: str | os.PathLike, backend: str | None) -> dict:
     """Read checkpoint/trainer_state.json; a checkpoint of the other backend raises ValueError
     (backend None: any backend's)."""
     path = Path(folder) / TRAINER_STATE_FILE
+    recover_folder(folder)  # a checkpoint replacement killed half-way: put the complete copy back
     doc = read_json_file(path, "no training checkpoint to resume from")
     if not isinstance(doc, dict) or doc.get("format") != TRAINER_FORMAT:
         raise CheckpointError(f"{path}: not an lm-sleep trainer state")
@@ -447,6 +472,8 @@ def prepare_run(task, model_config: ModelConfig | str, tc: TrainConfig, out_dir,
         raise ValueError("TrainConfig.dtype='float16' is not supported for training (no loss scaling); "
                          "use 'bfloat16' or 'float32'")
     ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
+    for folder in (ckpt_dir, Path(out_dir) / MODEL_DIR):  # finish or clean up writes of a killed run
+        recover_folder(folder)
     if not resume and ckpt_dir.exists():
         raise ValueError(f"{ckpt_dir} already exists; pass resume=True (--resume) to continue it "
                          "or choose another output folder")
@@ -545,7 +572,8 @@ __all__ = ["CHECKPOINT_DIR", "MODEL_DIR", "METRICS_FILE", "TRAINER_STATE_FILE", 
            "OPTIMIZER_JSON", "EVAL_SEED", "OPTIMIZER_STATE", "TrainingError", "StepResult", "is_muon_param",
            "optimizer_params", "optimizer_tensor_name", "split_optimizer_tensor_name", "optimizer_document",
            "check_optimizer_state", "lr_at", "data_seed", "rank_rows", "micro_rows", "counted_targets",
-           "batch_for_step", "resolve_model_config", "check_task_config", "MetricsLog", "read_metrics",
+           "batch_for_step", "resolve_model_config", "check_task_config", "MetricsLog", "parse_metrics",
+           "read_metrics",
            "trainer_state", "write_trainer_state", "read_trainer_state", "check_resume", "changed_train_fields",
            "check_finite", "prepare_run", "resume_state", "run_loop", "scheduled_lrs", "evaluate_batches", "main",
            "write_checkpoint", "read_checkpoint"]
