@@ -58,12 +58,10 @@ def run_demo(out: str = "runs/demo", *, passes=(1, 4), steps: int = 200, batch_s
 
 def plot_curves(out: str, passes) -> Path | None:
     """Eval exact accuracy vs step for each N (None when matplotlib is missing)."""
-    try:
-        import matplotlib
+    from lmsleep import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in passes:
@@ -71,13 +69,7 @@ def plot_curves(out: str, passes) -> Path | None:
         ax.plot([r["step"] for r in records], [r["eval_exact"] for r in records], marker="o", label=f"N={n}")
         if records:
             ax.axhline(records[-1]["eval_majority_exact"], color="gray", ls=":", lw=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("exact accuracy (4 answers)")
-    ax.set_title(f"Rule 110, t={DEMO_TASK['steps']} (dotted: majority baseline)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(out) / "demo.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.set(xlabel="training step", ylabel="exact accuracy (4 answers)",
+           title=f"Rule 110, t={DEMO_TASK['steps']} (dotted: majority baseline)")
+    plots.finish(ax)
+    return plots.save(fig, Path(out) / "demo.png")
