@@ -10,6 +10,7 @@ atomic. The backends only turn arrays into files and back with their own safeten
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -378,6 +379,16 @@ def recover_folder(path: str | os.PathLike) -> None:
                 _remove(p)
 
 
+def _make_parent(path: Path) -> None:
+    """Create the folders above `path`; a file in the way is a NotADirectoryError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next(p for p in [path.parent, *path.parent.parents] if os.path.lexists(p))
+        raise NotADirectoryError(errno.ENOTDIR, f"is a file, not a folder, so {path} cannot be written",
+                                 str(blocking)) from None
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):  # some platforms and file systems cannot sync a directory
         fd = os.open(folder, os.O_RDONLY)
@@ -408,7 +419,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
     recover_folder(path)
     if os.path.lexists(path) and not overwrite:
         raise CheckpointError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
     ident = tmp.name.rsplit(f".{_TMP}-", 1)[1]
@@ -444,7 +455,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True):
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     for p in _leftovers(path, _TMP):
         if not _owner_alive(p, _TMP):
             _remove(p)

@@ -283,9 +283,12 @@ def main(train: Callable, prog: str, doc: str, argv=None, *, devices: tuple[str,
         task, mc, tc = run_from_args(args)
         summary = train(task, mc, tc, args.out, resume=args.resume, progress=not args.no_progress,
                         max_steps=args.max_steps, **({"device": args.device} if devices else {}))
-    except (ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, TrainingError) as e:  # one line (from rank 0), exit 2, as the click CLI
+        if int(os.environ.get("RANK", "0")) == 0:
+            message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            print(f"error: {message.strip().splitlines()[0] if message.strip() else type(e).__name__}",
+                  file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0

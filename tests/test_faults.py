@@ -149,3 +149,104 @@ def test_bad_middle_metrics_line_names_the_file(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# --- kill -9 of real commands ----------------------------------------------------------------------
+# Subprocesses killed with SIGKILL at seeded random instants (no timing is asserted): a killed
+# `lmsleep train` resumed with --resume ends where an uninterrupted run ends, bit for bit (torch,
+# CPU, one thread); a killed `lmsleep convert` leaves no destination or a complete one.
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+KILLS = 5
+TRAIN = ["train", "--task", "rule110", "--task-arg", "width=8", "--task-arg", "states=2", "--task-arg", "steps=0",
+         "--preset", "debug", "--steps", "12", "--set", "batch_size=4", "--set", "save_interval=1",
+         "--set", "log_interval=1", "--set", "eval_interval=0", "--quiet", "--backend", "torch"]
+
+
+def lmsleep(*args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lmsleep.cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish(proc) -> None:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def logged_steps(out) -> int:
+    path = out / tr.METRICS_FILE
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    pytest.importorskip("torch")
+    rng = random.Random(13)
+    ref = tmp_path / "ref"
+    finish(lmsleep(*TRAIN, "--out", ref))
+    out = tmp_path / "killed"
+    kills = 0
+    for i in range(KILLS):
+        proc = lmsleep(*TRAIN, "--out", out, *(["--resume"] if i else []))
+        start = logged_steps(out)
+        while proc.poll() is None and logged_steps(out) < start + 2:  # let it train a little: kills land mid-run
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.15))  # then somewhere: a step, a checkpoint or model write, the metrics line
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait()
+    finish(lmsleep(*TRAIN, "--out", out, "--resume"))
+    assert kills >= 3  # most runs were cut short (a run may finish first on a fast machine)
+    for name in (f"{tr.CHECKPOINT_DIR}/{ckpt.WEIGHTS_FILE}", f"{tr.CHECKPOINT_DIR}/{tr.OPTIMIZER_FILE}",
+                 f"{tr.MODEL_DIR}/{ckpt.WEIGHTS_FILE}"):
+        a, b = tensors(ref / name), tensors(out / name)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+    losses = [[(r["step"], r["loss"]) for r in tr.read_metrics(run / tr.METRICS_FILE)] for run in (ref, out)]
+    assert losses[0] == losses[1] and len(losses[0]) == 12
+    assert leftovers(out) == [] and leftovers(out / tr.CHECKPOINT_DIR) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_kill_9_during_convert_leaves_no_destination_or_a_complete_one(tmp_path):
+    torch = pytest.importorskip("torch")
+    from sleep_torch import HybridLM, load, save
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    config = ModelConfig.from_name("debug", vocab_size=8192, window=8, d_model=256)  # 10 MB: writing takes a while
+    save(HybridLM(config, seed=0), src)
+    copies = {"float32": tensors(src / ckpt.WEIGHTS_FILE)}  # the old copy (bit for bit) or the new one (bf16)
+    copies["bfloat16"] = {n: torch.from_numpy(a).bfloat16().float().numpy() for n, a in copies["float32"].items()}
+    rng, outcomes = random.Random(7), []  # what each kill left: none, the old (float32) or the new (bfloat16)
+    for i in range(KILLS):
+        if i == 1 and not dst.exists():  # from now on --force replaces a complete float32 copy
+            finish(lmsleep("convert", src, dst, "--to", "torch"))
+        existed = dst.exists()
+        proc = lmsleep("convert", src, dst, "--to", "torch", "--force", "--dtype", "bfloat16")
+        while proc.poll() is None and not any(p.name.startswith(f".{dst.name}.") for p in tmp_path.iterdir()):
+            time.sleep(0.001)  # until the new copy starts to appear, then at a random instant of its writing
+        time.sleep(rng.uniform(0, 0.05))
+        proc.kill()
+        proc.wait()
+        try:
+            model = load(dst)  # recovers an interrupted replacement first
+        except ckpt.CheckpointError:
+            assert not existed and not dst.exists()  # never complete, so never there
+            outcomes.append("none")
+            continue
+        got = {n: p.detach().float().numpy() for n, p in model.named_parameters()}
+        dtype = str(model.embed.weight.dtype).rsplit(".", 1)[-1]
+        assert all(np.array_equal(got[n], copies[dtype][n]) for n in copies[dtype]), dtype
+        assert not any(p.name.startswith(f".{dst.name}.") for p in tmp_path.iterdir())  # leftovers cleaned
+        outcomes.append(dtype)
+        if dtype == "bfloat16" and i < KILLS - 1:  # put the old copy back for the next kill
+            finish(lmsleep("convert", src, dst, "--to", "torch", "--force"))
