@@ -15,6 +15,8 @@ import inspect
 from common.tasks.base import Batch, Task
 from common.tasks.depo import DepoTask
 from common.tasks.gsm import GsmTask
+from common.tasks.gsm_infinite import GsmInfiniteTask
+from common.tasks.recall import RecallTask
 from common.tasks.rule110 import Rule110Task, rule110_majority_baseline
 from common.tasks.text import TextTask
 
@@ -23,6 +25,8 @@ TASKS: dict[str, type[Task]] = {
     "depo": DepoTask,
     "gsm": GsmTask,
     "text": TextTask,
+    "gsm-infinite": GsmInfiniteTask,
+    "recall": RecallTask,
 }
 
 
