@@ -314,7 +314,7 @@ def test_score_rejects_bad_shapes(bad):
 # ---- make() ----
 
 def test_task_names():
-    assert set(TASKS) == {"rule110", "depo", "gsm", "text"}
+    assert set(TASKS) == {"rule110", "depo", "gsm", "text", "gsm-infinite", "recall"}
 
 
 @pytest.mark.parametrize("config_id", REASONING)
