@@ -204,3 +204,21 @@ def test_bad_messages_are_refused(engine_at, messages):
     with pytest.raises(ParamError, match="messages"):
         engine.chat(messages, Sampling())
     assert engine.stats()["running_or_waiting"] == 0
+
+
+def test_a_model_without_a_chat_template_gets_each_message_as_a_line(tmp_path):
+    from common.config import ModelConfig
+    from common.tokenizers import ByteTokenizer
+    from sleep_torch import HybridLM, save
+
+    cfg = ModelConfig.from_name("debug", vocab_size=ByteTokenizer().vocab_size, window=16, sleep_passes=2)
+    save(HybridLM(cfg, seed=0), tmp_path / "bytes", tokenizer=ByteTokenizer().to_dict())
+    engine = open_engine(tmp_path / "bytes", backend="torch", sessions_dir=tmp_path / "sessions")
+    sampling = Sampling(max_tokens=8, temperature=0.5, seed=1)
+    first = engine.chat([{"role": "system", "content": "sys"}, user("hello")], sampling)
+    assert first.read() == reference_reply(engine, "sys\nhello\n", sampling)
+    second = engine.chat([{"role": "system", "content": "sys"}, user("hello"),
+                          {"role": "assistant", "content": first.text}, user("again")], sampling)
+    second.read()
+    assert second.cached_tokens == first.processed and second.prompt_ids == list(b"again\n")
+    engine.close()
