@@ -117,3 +117,33 @@ def test_save_and_convert_keep_the_tokenizer_and_chat_template(tiny_chat_model, 
             assert (folder / name).read_text() == (tiny_chat_model / name).read_text()
         again = pkg.load(folder)
         assert again.tokenizer.encode("hello <|im_end|>") == model.tokenizer.encode("hello <|im_end|>")
+
+
+def test_chat_cli_with_a_retrofitted_model_on_mlx(tiny_chat_model):
+    pytest.importorskip("mlx.core")
+    from click.testing import CliRunner
+
+    from lmsleep.cli import cli
+
+    args = ["chat", str(tiny_chat_model), "--max-tokens", "5"]
+    script = "hello\nhow are you?\nand now?\n/stats\n/quit\n"
+    mlx = CliRunner().invoke(cli, args + ["--backend", "mlx"], input=script)
+    torch_run = CliRunner().invoke(cli, args + ["--backend", "torch"], input=script)
+    assert mlx.exit_code == 0, mlx.output
+    assert mlx.output == torch_run.output  # greedy: the same replies and State numbers in both backends
+    assert "sleeps" in mlx.output
+
+
+def test_eval_runs_on_a_retrofitted_folder_with_its_own_tokenizer(tiny_gguf, tmp_path):
+    from click.testing import CliRunner
+
+    from convert.retrofit import retrofit
+    from lmsleep.cli import cli
+
+    out = tmp_path / "r64"
+    retrofit(tiny_gguf[1], out, window=64, passes=2, insert=1)
+    result = CliRunner().invoke(cli, ["eval", str(out), "--task", "recall", "--task-arg", f"tokenizer_dir={out}",
+                                      "--task-arg", "window=64", "--task-arg", "k=[1,1]", "--task-arg",
+                                      "facts=[1,1]", "--n", "4", "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    assert "acc_k1" in result.output and "chance" in result.output
