@@ -47,11 +47,11 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # keep-alive connections must not hold up shutdown
 
-    def __init__(self, address, engine: Engine, *, model_id: str, max_body: int = MAX_BODY,
+    def __init__(self, address, engine: Engine | None, *, model_id: str, max_body: int = MAX_BODY,
                  max_tokens: int = DEFAULT_MAX_TOKENS, log: Callable[[str], None] | None = None):
         super().__init__(address, Handler)
         self.engine, self.model_id, self.max_body, self.max_tokens = engine, model_id, max_body, max_tokens
-        self.log = log
+        self.log, self.serving = log, False
         self.created = int(time.time())
 
     @property
@@ -68,10 +68,11 @@ class Server(ThreadingHTTPServer):
 
     def close(self) -> None:
         """Stop serving (from another thread), close the socket, let background sleeps finish."""
-        if getattr(self, "serving", False):
+        if self.serving:
             self.shutdown()
         self.server_close()
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def make_server(model_dir, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto",
@@ -79,13 +80,22 @@ def make_server(model_dir, *, host: str = "127.0.0.1", port: int = 8000, backend
                 queue: int = 64, max_tokens: int = DEFAULT_MAX_TOKENS, passes: int | None = None,
                 dtype: str | None = None, model_id: str | None = None, max_body: int = MAX_BODY,
                 log: Callable[[str], None] | None = None) -> Server:
-    """Load MODEL_DIR and bind a server to host:port (port 0: any free port; see `server.url`)."""
-    engine = open_engine(model_dir, backend=backend, sessions_dir=sessions_dir, max_sessions=max_sessions,
-                         max_disk_bytes=max_disk_mb << 20, parallel=parallel, queue=queue, passes=passes,
-                         dtype=dtype, log=log)
-    Sampling(max_tokens=max_tokens)  # a bad default fails here, not in every request
-    return Server((host, port), engine, model_id=model_id or Path(model_dir).resolve().name,
-                  max_body=max_body, max_tokens=max_tokens, log=log)
+    """Bind host:port (port 0: any free port; see `server.url`), then load MODEL_DIR behind it.
+
+    Binding first makes a busy port fail at once (OSError), not after the model has loaded."""
+    server = Server((host, port), None, model_id=model_id or Path(model_dir).resolve().name, max_body=max_body,
+                    max_tokens=max_tokens, log=log)
+    try:
+        server.engine = open_engine(model_dir, backend=backend, sessions_dir=sessions_dir, max_sessions=max_sessions,
+                                    max_disk_bytes=max_disk_mb << 20, parallel=parallel, queue=queue, passes=passes,
+                                    dtype=dtype, log=log)
+        Sampling(max_tokens=max_tokens)  # a bad default fails here, not in every request
+        if max_tokens > server.engine.max_tokens_cap:
+            raise ParamError("max_tokens", f"max_tokens: {max_tokens} is over the limit {server.engine.max_tokens_cap}")
+    except BaseException:
+        server.server_close()
+        raise
+    return server
 
 
 def serve_forever(server: Server, echo: Callable[[str], None] = print) -> None:

@@ -260,3 +260,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
         threading.Event().wait(0.05)
     assert engine.stats()["running_or_waiting"] == 0
     assert client(served).completions.create(model="chat", prompt="Hi", max_tokens=2).choices
+
+
+def test_a_busy_port_or_a_bad_default_fails_before_serving(served, chat_model):
+    from lmsleep.sessions import ParamError
+
+    host, port = served.server_address[:2]
+    with pytest.raises(OSError):
+        make_server(chat_model, host=host, port=port, backend="torch")
+    with pytest.raises(ParamError, match="max_tokens"):
+        make_server(chat_model, host=host, port=0, backend="torch", max_tokens=10**6)
