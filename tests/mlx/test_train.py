@@ -250,7 +250,7 @@ def test_module_entry_point(tmp_path, capsys, monkeypatch):
     assert sleep_mlx.load(out / "model").config.d_model == 16
     rc = train_mod.main(["--task", "rule110", "--preset", "debug", "--out", str(tmp_path / "bad"),
                          "--set", "window=5", "--no-progress"])
-    assert rc == 1 and "window" in capsys.readouterr().err
+    assert rc == 2 and "window" in capsys.readouterr().err  # a user error: one line, exit 2 (as the CLI)
     task, mc = task_and_config()
     with pytest.raises(ValueError, match="vocab_size"):
         train(task, ModelConfig.from_name("debug"), small_run(), tmp_path / "x", progress=False)

@@ -247,7 +247,7 @@ def test_module_entry_point(tmp_path, capsys):
     assert sleep_torch.load(out / "model").config.d_model == 16
     rc = train_mod.main(["--task", "rule110", "--preset", "debug", "--out", str(tmp_path / "bad"),
                          "--set", "window=5", "--no-progress"])
-    assert rc == 1 and "window" in capsys.readouterr().err
+    assert rc == 2 and "window" in capsys.readouterr().err  # a user error: one line, exit 2 (as the CLI)
 
 
 @pytest.mark.slow
