@@ -367,7 +367,7 @@ class Turn:
     def _generate(self) -> Iterator[str]:
         e, s = self.engine, self.sampling
         stop_ids, stops = e.stop_ids, s.stop
-        tokens, shown, cut = [], "", None
+        reply, shown, cut = _Detokenizer(e.tokenizer), 0, None
         gen = e.generate(e.model, self.prompt_ids, max_tokens=s.max_tokens, temperature=s.temperature,
                          top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop=stop_ids, passes=e.passes, state=self.state)
         try:
@@ -376,37 +376,39 @@ class Turn:
                 if token in stop_ids:
                     self.finish_reason = "stop"
                     break
-                tokens.append(token)
-                text = e.tokenizer.decode(tokens)
-                at = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-                if at >= 0:  # a stop string: the reply ends before it
-                    cut, self.finish_reason = at, "stop"
+                before = len(reply.text)
+                reply.add(token)
+                cut = _find_stop(reply.text, stops, before)
+                if cut is not None:  # a stop string: the reply ends before it
+                    self.finish_reason = "stop"
                     break
-                safe = len(text) - _held_back(text, stops)
-                if safe > len(shown):
-                    piece, shown = text[len(shown):safe], text[:safe]
-                    yield piece
+                safe = len(reply.text) - _held_back(reply.text, stops)
+                if safe > shown:
+                    yield reply.text[shown:safe]
+                    shown = safe
             else:
                 self.finish_reason = "length"
         finally:
             gen.close()  # suspended after yielding: the token it yielded last is not fed
-        text = e.tokenizer.decode(tokens)
-        self.text = text if cut is None else text[:cut]
-        if len(self.text) > len(shown):
-            yield self.text[len(shown):]
-        self._finish(tokens, cut is not None)
+        if cut is None:
+            reply.flush()  # a multi-byte character the reply ended in the middle of
+            cut = _find_stop(reply.text, stops, len(reply.text) - len(reply.flushed))
+        self.text = reply.text if cut is None else reply.text[:cut]
+        if len(self.text) > shown:
+            yield self.text[shown:]
+        self._finish(len(reply.ids), cut is not None)
 
-    def _finish(self, tokens: list[int], cut: bool) -> None:
-        """Record the reply's State as a snapshot, release the slot and the conversation."""
+    def _finish(self, n_tokens: int, cut: bool) -> None:
+        """Record the reply's State as a snapshot (the slot and the conversation are released by close)."""
         e = self.engine
         self.processed = self.state.seen - self.cached_tokens
-        fed = self.processed - len(self.prompt_ids)  # reply tokens the State consumed (not a stop token)
-        assert 0 <= fed <= len(tokens), (fed, len(tokens))
         with e.lock:
             e.counters["tokens_processed"] += self.processed
             e.counters["completed"] += 1
         if not cut:  # a reply cut by a stop string is echoed back shorter than what the State read
-            consumed = self.request_text + e.tokenizer.decode(tokens[:fed])
+            # every reply token was fed (the stop token, not part of the reply, is not)
+            assert self.processed == len(self.prompt_ids) + n_tokens, (self.processed, n_tokens)
+            consumed = self.request_text + self.text
             e.store.put(text_key(self.namespace, consumed), len(consumed), self.state, parent=self.parent)
         self.state = None
 
@@ -428,10 +430,41 @@ class Turn:
         return self.text
 
 
+class _Detokenizer:
+    """Text of a growing list of token ids without decoding them all at every token.
+
+    Decodes only the ids after the last point where the text was whole (no cut multi-byte character),
+    and takes what they add to the text of the few ids before it (decoders that treat a leading space
+    specially need that context)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text, self.flushed = tokenizer, [], "", ""
+        self.prefix = self.read = 0  # ids[prefix:read]: the context; ids[read:]: not yet in text
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        context = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) > len(context) and not text.endswith("\ufffd"):
+            self.text += text[len(context):]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def flush(self) -> None:
+        """Take in what is left (U+FFFD for a cut character)."""
+        context = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        self.flushed = self.tokenizer.decode(self.ids[self.prefix:])[len(context):]
+        self.text += self.flushed
+        self.prefix = self.read = len(self.ids)
+
+
+def _find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:
+    """Where the first stop string in `text` starts, looking only where text from `new_from` on can complete one."""
+    found = [i for i in (text.find(x, max(0, new_from - len(x) + 1)) for x in stops) if i >= 0]
+    return min(found) if found else None
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of `text` not to show yet: a cut multi-byte character or a stop string's start."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
+    """Characters at the end of `text` not to show yet: the start of a stop string."""
     n = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), n, -1):

@@ -222,3 +222,24 @@ def test_a_model_without_a_chat_template_gets_each_message_as_a_line(tmp_path):
     second.read()
     assert second.cached_tokens == first.processed and second.prompt_ids == list(b"again\n")
     engine.close()
+
+
+def test_replies_are_decoded_incrementally_as_a_whole(engine_at):
+    """The text built token by token (decoding only the last few) equals decoding all ids at once, for
+    random ids: cut multi-byte characters, special tokens, invalid bytes."""
+    import numpy as np
+
+    from common.tokenizers import ByteTokenizer
+    from lmsleep.sessions import _Detokenizer
+
+    hf = engine_at(sessions=None).tokenizer
+    rng = np.random.default_rng(0)
+    for tok in (hf, ByteTokenizer()):
+        for _ in range(40):
+            ids = rng.integers(0, tok.vocab_size, size=int(rng.integers(1, 30))).tolist()
+            d = _Detokenizer(tok)
+            for i in ids:
+                d.add(i)
+                assert not d.text.endswith("\ufffd") and tok.decode(ids).startswith(d.text)
+            d.flush()
+            assert d.text == tok.decode(ids)
