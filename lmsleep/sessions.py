@@ -243,9 +243,12 @@ class SnapshotStore:
         """Keep `state` (the caller hands it over) as the snapshot `key`; on disk before this returns."""
         snap = Snapshot(key, chars, state)
         if self.dir is not None:
-            snap.path = self.dir / f"{key}.{chars}.safetensors"
-            self.model.save_state(state, snap.path)
-            snap.nbytes = snap.path.stat().st_size
+            path = self.dir / f"{key}.{chars}.safetensors"
+            try:
+                self.model.save_state(state, path)
+                snap.path, snap.nbytes = path, path.stat().st_size
+            except OSError as e:  # disk full, directory gone: keep it in RAM only, keep serving
+                self.log(f"snapshot not written ({e}); kept in memory only")
         if state.due:  # a window filled during the reply: sleep now, while the user reads it
             snap.sleeper = threading.Thread(target=self._sleep, args=(snap, state), name="lmsleep-sleep",
                                             daemon=True)

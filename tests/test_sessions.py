@@ -243,3 +243,15 @@ def test_replies_are_decoded_incrementally_as_a_whole(engine_at):
                 assert not d.text.endswith("\ufffd") and tok.decode(ids).startswith(d.text)
             d.flush()
             assert d.text == tok.decode(ids)
+
+
+def test_an_unwritable_sessions_directory_keeps_serving_from_ram(engine_at, tmp_path):
+    engine = engine_at()
+    target = engine.store.dir
+    target.rename(target.with_name("gone"))  # the directory disappears under the server
+    target.parent.joinpath(target.name).write_text("a file where the directory was")
+    first = engine.chat([user("one")], Sampling(max_tokens=4))
+    first.read()
+    second = engine.chat([user("one"), {"role": "assistant", "content": first.text}, user("two")], Sampling(max_tokens=3))
+    second.read()
+    assert second.cached_tokens == first.processed  # continued from the snapshot kept in RAM
