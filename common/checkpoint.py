@@ -14,11 +14,12 @@ import errno
 import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
+from common import validate
 from common.config import ModelConfig
+from common.validate import DTYPE_SIZES, CheckpointError, read_safetensors  # noqa: F401 (the one header reader)
 
 FORMAT = "lm-sleep"
 FORMAT_VERSION = 1
@@ -28,13 +29,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # config / CLI dtype name -> safetensors tag (the dtypes a model may be stored or run in)
 DTYPE_TAGS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-# safetensors dtype tag -> bytes per element
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "U32": 4, "BOOL": 1}
-
-
-class CheckpointError(ValueError):
-    """A model folder or memory file that cannot be used; the message is one line for the user."""
+# Files a model folder may hold beside config.json and the weights (checked like them when present).
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
 
 
 def check_dtype(name: str | None) -> str | None:
@@ -115,8 +112,9 @@ def read_companions(folder: str | os.PathLike, doc: dict) -> dict[str, str]:
     block = doc.get("tokenizer")
     if isinstance(block, dict) and block.get("type") == "hf":
         names.append(block.get("file", "tokenizer.json"))
-    return {name: (folder / name).read_text(encoding="utf-8") for name in names
-            if isinstance(name, str) and "/" not in name and (folder / name).is_file()}
+    return {name: validate.read_text(folder / validate.plain_name(name, str(folder / CONFIG_FILE), "tokenizer.file"),
+                                     name, folder)
+            for name in names if os.path.lexists(folder / str(name))}
 
 
 def write_companions(folder: str | os.PathLike, files: dict[str, str]) -> None:
@@ -126,17 +124,13 @@ def write_companions(folder: str | os.PathLike, files: dict[str, str]) -> None:
 
 def read_chat_template(folder: str | os.PathLike) -> str | None:
     path = Path(folder) / CHAT_TEMPLATE_FILE
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    return validate.read_text(path, "chat template", folder) if os.path.lexists(path) else None
 
 
 def read_json_file(path: Path, missing: str):
-    """The parsed JSON at `path`; CheckpointError "PATH: missing (<missing>)" or "PATH: not valid JSON"."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing ({missing})")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    """The parsed JSON at `path` (a bounded regular file: common.validate.read_json);
+    CheckpointError "PATH: missing (<missing>)" or "PATH: not valid JSON"."""
+    return validate.read_json(path, missing)
 
 
 def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict]:
@@ -145,59 +139,31 @@ def read_config(folder: str | os.PathLike) -> tuple[ModelConfig, dict]:
     recover_folder(folder)  # a replacement killed half-way leaves the folder under another name
     if not Path(folder).is_dir():
         raise CheckpointError(f"{folder}: not a model folder (no such directory)")
-    doc = read_json_file(path, "not an lm-sleep model folder")
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: missing (not an lm-sleep model folder)")
+    doc = validate.read_json(path, "config.json of the model folder", folder)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format is {doc.get('format') if isinstance(doc, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
+        shown = validate.shown(doc.get("format") if isinstance(doc, dict) else None)
+        raise CheckpointError(f"{path}: format is {shown}, expected {FORMAT!r}")
     if doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {doc.get('format_version')!r} is not supported "
-                              f"(this lm-sleep reads version {FORMAT_VERSION})")
+        raise CheckpointError(f"{path}: format_version {validate.shown(doc.get('format_version'))} is not "
+                              f"supported (this lm-sleep reads version {FORMAT_VERSION})")
     try:
         config = ModelConfig.from_dict(doc.get("model"))
     except ValueError as e:
         raise CheckpointError(f"{path}: bad model config: {e}") from None
+    if doc.get("quantization") is not None:
+        validate.check_quantization(doc["quantization"], path)
+    validate.check_tokenizer_block(doc.get("tokenizer"), config.vocab_size, folder, path)
     return config, doc
 
 
-# --- safetensors headers (no framework needed) ---------------------------------------------------
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
-    """The one safetensors header reader: (tensor entries, `__metadata__`, offset where the data starts).
-
-    An entry is the header's {"dtype", "shape", "data_offsets"} (offsets relative to the data start).
-    A file too short for its header or its tensors, or a header that is not a JSON object of entries,
-    is a one-line CheckpointError.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", raw)  # little-endian u64: the header's length in bytes
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header")
-    meta = header.pop("__metadata__", None) or {}
-    end = 0
-    for name, info in header.items():
-        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
-            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name})")
-        end = max(end, info["data_offsets"][1])
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end})")
-    return header, meta, 8 + n
-
+# --- safetensors headers (no framework needed: common.validate.read_safetensors) -----------------
 
 def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype tag, shape) from a safetensors file; checks the file is long enough."""
     header, _, _ = read_safetensors(path)
-    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
+    return {name: (info["dtype"], info["shape"]) for name, info in header.items()}
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -207,20 +173,22 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a model folder (one file, or the shards its index names)."""
+    return sorted(set(_weight_map(folder)[1].values()))
+
+
+def _weight_map(folder) -> tuple[dict[str, str] | None, dict[str, Path]]:
+    """(the index's weight_map or None, file name -> path) of a folder's weights, every file checked to
+    be a regular file inside the folder before anything opens it."""
     folder = Path(folder)
-    if (folder / INDEX_FILE).is_file():
-        try:
-            index = json.loads((folder / INDEX_FILE).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise CheckpointError(f"{folder / INDEX_FILE}: corrupt shard index") from None
-        files = [folder / n for n in names]
-    else:
-        files = [folder / WEIGHTS_FILE]
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing weights file")
-    return files
+    index = folder / INDEX_FILE
+    if os.path.lexists(index):
+        weight_map = validate.check_index(validate.read_json(index, "shard index", folder), folder, index)
+        return weight_map, {n: folder / n for n in set(weight_map.values())}
+    path = folder / WEIGHTS_FILE
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: missing weights file")
+    validate.regular_file(path, folder, "weights file")
+    return None, {WEIGHTS_FILE: path}
 
 
 def expected_shapes(config: ModelConfig, quantization: dict | None = None) -> dict[str, tuple[int, ...]]:
@@ -228,14 +196,12 @@ def expected_shapes(config: ModelConfig, quantization: dict | None = None) -> di
     shapes = param_shapes(config)
     if not quantization:
         return shapes
-    try:
-        bits, group, quantized = int(quantization["bits"]), int(quantization["group_size"]), set(quantization["layers"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError("config.json: the quantization block needs integer 'bits', 'group_size' "
-                              "and a list of 'layers'") from None
-    unknown = sorted(quantized - {n[: -len(".weight")] for n in shapes if n.endswith(".weight")})
+    bits, group, layers = validate.check_quantization(quantization, CONFIG_FILE)
+    quantized = set(layers)
+    linear = {n[: -len(".weight")] for n in shapes if n.startswith("layers.") and n.endswith("_proj.weight")}
+    unknown = sorted(quantized - linear)  # block projections only: never embeddings, the head, norms or convs
     if unknown:
-        raise CheckpointError(f"config.json: quantization lists unknown layer {unknown[0]}")
+        raise CheckpointError(f"config.json: quantization lists unknown layer {validate.shown_name(unknown[0])}")
     out = {}
     for name, shape in shapes.items():
         base = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -252,31 +218,58 @@ def expected_shapes(config: ModelConfig, quantization: dict | None = None) -> di
     return out
 
 
-def validate_folder(folder: str | os.PathLike) -> tuple[ModelConfig, dict, dict[str, Path]]:
-    """Check config.json and every tensor header -> (config, document, name -> file holding it)."""
+def validate_folder(folder: str | os.PathLike, check_values: bool = True
+                    ) -> tuple[ModelConfig, dict, dict[str, Path]]:
+    """Check config.json, every file and every tensor header (and, with check_values, that every float
+    is finite) -> (config, document, name -> file holding it)."""
+    return check_folder(folder, check_values)[:3]
+
+
+def check_folder(folder: str | os.PathLike, check_values: bool = True
+                 ) -> tuple[ModelConfig, dict, dict[str, Path], str]:
+    """validate_folder plus the folder's float dtype tag (F32 / BF16 / F16)."""
     config, doc = read_config(folder)
-    expected = expected_shapes(config, doc.get("quantization"))
+    validate.check_companions(folder, COMPANION_FILES)
+    quant = doc.get("quantization")
+    expected = expected_shapes(config, quant)
+    weight_map, files = _weight_map(folder)
     where: dict[str, Path] = {}
-    found: dict[str, tuple[int, ...]] = {}
-    for f in weight_files(folder):
-        for name, (dtype, shape) in read_header(f).items():
-            if dtype not in DTYPE_SIZES:
-                raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {dtype}")
-            found[name], where[name] = shape, f
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    headers = {}
+    for fname, f in sorted(files.items()):
+        entries, _, start = read_safetensors(f, folder)
+        headers[f] = (entries, start)
+        for name, info in entries.items():
+            if name in found:
+                raise CheckpointError(f"{f}: tensor {validate.shown_name(name)} is also in {where[name]}")
+            if weight_map is not None and weight_map.get(name) != fname:
+                raise CheckpointError(f"{Path(folder) / INDEX_FILE}: tensor {validate.shown_name(name)} lies in "
+                                      f"{fname} but weight_map says {validate.shown(weight_map.get(name))}")
+            found[name], where[name] = (info["dtype"], info["shape"]), f
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(found))
+        if absent:
+            raise CheckpointError(f"{Path(folder) / INDEX_FILE}: tensor {validate.shown_name(absent[0])} is not in "
+                                  f"its shard {weight_map[absent[0]]}")
     missing = [n for n in expected if n not in found]
     if missing:
         raise CheckpointError(f"{folder}: missing tensor {missing[0]}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     extra = [n for n in found if n not in expected]
     if extra:
-        raise CheckpointError(f"{folder}: unexpected tensor {extra[0]}"
+        raise CheckpointError(f"{folder}: unexpected tensor {validate.shown_name(extra[0])}"
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                               + " (config and weights do not match)")
     for name, shape in expected.items():
-        if found[name] != shape:
-            raise CheckpointError(f"{where[name]}: tensor {name} has shape {list(found[name])}, "
+        if found[name][1] != shape:
+            raise CheckpointError(f"{where[name]}: tensor {name} has shape {list(found[name][1])}, "
                                   f"config says {list(shape)}")
-    return config, doc, where
+    quantized = set(quant["layers"]) if quant else set()
+    dtype = validate.check_dtypes({n: d for n, (d, _) in found.items()}, quantized, where)
+    if check_values:
+        for f, (entries, start) in headers.items():
+            validate.check_finite(f, entries, start)
+    return config, doc, where, dtype
 
 
 # --- sharding ------------------------------------------------------------------------------------

@@ -21,6 +21,26 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")  # rotary scaling, as transformers defines it
 SCAN_IMPLS = ("auto", "ref", "chunk", "kernel")
 
+# Limits on every size and count of a ModelConfig (docs/FORMAT.md "Limits"): generous for any model this
+# project can run, but finite, so a config.json read from disk can never ask for 10^9 layers or passes.
+LIMITS = {
+    "vocab_size": 1 << 20,      # 1,048,576 tokens (the largest pretrained vocabularies are ~260k)
+    "d_model": 1 << 16,         # 65,536
+    "n_layers": 1024,
+    "n_heads": 1024,
+    "n_kv_heads": 1024,
+    "ssm_heads": 1024,
+    "head_dim": 4096,
+    "ssm_head_dim": 4096,
+    "ssm_value_dim": 4096,
+    "mlp_hidden": 1 << 18,      # 262,144
+    "conv_size": 64,
+    "window": 1 << 20,          # tokens per window L
+    "sleep_passes": 1024,       # N
+    "rope_original_max_positions": 1 << 24,
+}
+MAX_SLEEP_PASSES = LIMITS["sleep_passes"]
+
 
 class _Config:
     """Shared JSON plumbing for the flat config dataclasses (no registry, no framework)."""
@@ -67,7 +87,8 @@ def _coerce(owner: str, name: str, value, hint):
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
         origin = typing.get_origin(hint)
-    bad = ValueError(f"{owner}.{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:60] + "..."
+    bad = ValueError(f"{owner}.{name}: expected {getattr(hint, '__name__', hint)}, got {shown}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -87,9 +108,15 @@ def _coerce(owner: str, name: str, value, hint):
     return value
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check(ok: bool, owner: str, name: str, value, why: str) -> None:
     if not ok:
-        raise ValueError(f"{owner}.{name}={value!r}: {why}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:60] + f"... ({len(shown)} characters)"
+        raise ValueError(f"{owner}.{name}={shown}: {why}")
 
 
 @dataclass(frozen=True)
@@ -140,41 +167,46 @@ class ModelConfig(_Config):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "ssm_heads",
                      "ssm_head_dim", "mlp_hidden", "window", "sleep_passes"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                   c, name, value, "must be an integer >= 1")
+            _check(_is_int(value) and value >= 1, c, name, value, "must be an integer >= 1")
+        for name, limit in LIMITS.items():  # every size and count is bounded (docs/FORMAT.md "Limits")
+            value = getattr(self, name)
+            _check(value is None or not _is_int(value) or value <= limit, c, name, value, f"must be <= {limit}")
         _check(self.vocab_size >= 2, c, "vocab_size", self.vocab_size, "must be >= 2")
-        _check(isinstance(self.pattern, str) and len(self.pattern) > 0
+        _check(isinstance(self.pattern, str) and 0 < len(self.pattern) <= LIMITS["n_layers"]
                and set(self.pattern) <= {"A", "S"}, c, "pattern", self.pattern,
-               "must be a non-empty string of 'A' and 'S'")
+               f"must be a non-empty string of 'A' and 'S' (at most {LIMITS['n_layers']} letters)")
         _check(self.head_dim % 2 == 0, c, "head_dim", self.head_dim, "must be even (rotary)")
-        _check(self.ssm_value_dim is None or (isinstance(self.ssm_value_dim, int)
-                                              and self.ssm_value_dim >= 1),
+        _check(self.ssm_value_dim is None or (_is_int(self.ssm_value_dim) and self.ssm_value_dim >= 1),
                c, "ssm_value_dim", self.ssm_value_dim, "must be None or an integer >= 1")
         _check(self.ssm_rule in SSM_RULES, c, "ssm_rule", self.ssm_rule, f"must be one of {SSM_RULES}")
         _check(self.eviction in EVICTIONS, c, "eviction", self.eviction, f"must be one of {EVICTIONS}")
-        _check(isinstance(self.conv_size, int) and self.conv_size >= 0, c, "conv_size",
+        _check(_is_int(self.conv_size) and self.conv_size >= 0, c, "conv_size",
                self.conv_size, "must be an integer >= 0")
-        _check(self.norm_eps > 0, c, "norm_eps", self.norm_eps, "must be > 0")
-        _check(self.rope_theta > 0, c, "rope_theta", self.rope_theta, "must be > 0")
+        for name in ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                   and value > 0, c, name, value, "must be a finite number > 0")
+        _check(self.norm_eps < 1, c, "norm_eps", self.norm_eps, "must be < 1")
+        _check(isinstance(self.tie_embeddings, bool), c, "tie_embeddings", self.tie_embeddings, "must be a bool")
         if self.sleep_layers is not None:
-            ok = (len(self.sleep_layers) == 2 and 0 <= self.sleep_layers[0] < self.sleep_layers[1]
-                  <= self.n_layers)
+            ok = (isinstance(self.sleep_layers, (list, tuple)) and len(self.sleep_layers) == 2
+                  and all(_is_int(x) for x in self.sleep_layers)
+                  and 0 <= self.sleep_layers[0] < self.sleep_layers[1] <= self.n_layers)
             _check(ok, c, "sleep_layers", self.sleep_layers,
                    f"must be [start, end) with 0 <= start < end <= n_layers={self.n_layers}")
             object.__setattr__(self, "sleep_layers", tuple(self.sleep_layers))
         kv = self.n_kv_heads
-        _check(kv is None or (isinstance(kv, int) and not isinstance(kv, bool) and kv >= 1
-                              and self.n_heads % kv == 0),
+        _check(kv is None or (_is_int(kv) and kv >= 1 and self.n_heads % kv == 0),
                c, "n_kv_heads", kv, f"must be None or an integer >= 1 dividing n_heads={self.n_heads}")
         _check(self.rope_type in ROPE_TYPES, c, "rope_type", self.rope_type, f"must be one of {ROPE_TYPES}")
-        for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
-            _check(getattr(self, name) > 0, c, name, getattr(self, name), "must be > 0")
         _check(self.rope_type != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor, c,
                "rope_high_freq_factor", self.rope_high_freq_factor, "must exceed rope_low_freq_factor (llama3)")
-        _check(isinstance(self.rope_original_max_positions, int) and self.rope_original_max_positions >= 1, c,
+        _check(_is_int(self.rope_original_max_positions) and self.rope_original_max_positions >= 1, c,
                "rope_original_max_positions", self.rope_original_max_positions, "must be an integer >= 1")
+        _check(isinstance(self.eos_ids, (list, tuple)) and len(self.eos_ids) <= 1024, c, "eos_ids", self.eos_ids,
+               "must be a list of at most 1024 token ids")
         for name, ids in (("bos_id", () if self.bos_id is None else (self.bos_id,)), ("eos_ids", self.eos_ids)):
-            _check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids),
+            _check(all(_is_int(i) and 0 <= i < self.vocab_size for i in ids),
                    c, name, getattr(self, name), f"must be token ids in [0, vocab_size={self.vocab_size})")
         object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
 
@@ -337,5 +369,5 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
     return model, train
 
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "TRAIN_PRESETS", "parse_override",
+__all__ = ["ModelConfig", "TrainConfig", "LIMITS", "MAX_SLEEP_PASSES", "PRESETS", "TRAIN_PRESETS", "parse_override",
            "split_overrides"]

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from common.checkpoint import CheckpointError, read_safetensors
+from common import validate
+from common.validate import CheckpointError, read_safetensors
 from common.config import ModelConfig
 from common.sleep import CACHE_OF_KIND, State
 
@@ -47,19 +48,28 @@ def state_to_named(state: State, model_hash: str):
     return tensors, meta
 
 
-def check_memory_file(path, model_hash: str) -> dict[str, int]:
-    """Validate a memory file's header against a model -> its counters; one-line errors."""
+def check_memory_file(path, model_hash: str, config: ModelConfig, dtype: str | None = None) -> dict[str, int]:
+    """Validate a memory file against a model -> its counters; one-line CheckpointErrors.
+
+    Checks the format tag, the version and the model fingerprint, and with `config` everything else
+    (common.validate.check_memory): bounded, consistent counters; exactly the tensors this model's
+    State holds, each with the shape and dtype the config implies (`dtype`: the model's float tag for
+    keys, values, conv tails and hidden states, None = any one float tag; SSM states are F32); every
+    value finite.
+    """
     try:
-        _, meta, _ = read_safetensors(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable memory file ({e})") from None
+        entries, meta, start = read_safetensors(path)
+    except (OSError, ValueError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0].removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: not a readable memory file ({why})") from None
     if meta.get("format") != MEMORY_FORMAT:
-        raise CheckpointError(f"{path}: not an lm-sleep memory file (format {meta.get('format')!r})")
+        raise CheckpointError(f"{path}: not an lm-sleep memory file (format {validate.shown(meta.get('format'))})")
     if meta.get("format_version") != str(MEMORY_VERSION):
-        raise CheckpointError(f"{path}: memory format_version {meta.get('format_version')!r} is not supported")
+        raise CheckpointError(f"{path}: memory format_version {validate.shown(meta.get('format_version'))} "
+                              "is not supported")
     if meta.get("model_hash") != model_hash:
         raise CheckpointError(f"{path}: this memory was written by another model (weights or config differ)")
-    return {k: int(meta[k]) for k in INT_FIELDS} | {"n_layers": int(meta["n_layers"])}
+    return validate.check_memory(path, entries, meta, config, dtype, start)
 
 
 def named_to_state(tensors: dict, layer_types: str, counters: dict[str, int]) -> State:

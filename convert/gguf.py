@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
+from common import validate
 from common.pretrained import RopeScaling, SourceArch, check_hf_tensors, expected_hf_shapes
 from convert.hf import Source
 
@@ -57,16 +59,34 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 def _read(path: Path):
     from gguf import GGUFReader
 
+    validate.regular_file(path, None, "GGUF file")  # lstat first: a FIFO or a device is never opened
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the gguf reader raises ValueError/IndexError/struct errors on short or foreign files
         raise ValueError(f"{path.name}: not a readable GGUF file ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]}; truncated?)") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ValueError(f"{path.name}: tensor {t.name!r} lies beyond the end of the file (truncated file?)")
+                         f"{(str(e).splitlines() or [''])[0][:200]}; truncated?)") from None
+    _check_tensor_bounds(reader, path)
     return reader
+
+
+def _check_tensor_bounds(reader, path: Path) -> None:
+    """Every tensor's data lies inside the file's data section, its element count is the product of its
+    dimensions (computed without overflow), and no two tensors overlap."""
+    size = path.stat().st_size
+    spans = []
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape]
+        if int(t.n_elements) != math.prod(dims) or len(dims) > validate.MAX_DIMS:
+            raise ValueError(f"{path.name}: tensor {t.name!r} has dimensions {dims[:8]} that do not match its "
+                             f"{int(t.n_elements)} elements")
+        begin, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+        if not 0 <= begin <= end <= size:
+            raise ValueError(f"{path.name}: tensor {t.name!r} lies beyond the end of the file (truncated file?)")
+        spans.append((begin, end, t.name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{path.name}: tensors {a!r} and {b!r} overlap in the file")
 
 
 def _meta(reader) -> dict:
@@ -249,7 +269,7 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True, tokenizer: 
     """A llama GGUF as a Source: SourceArch, HF-named float32 tensors, tokenizer.json/tokenizer_config.json and
     chat_template.jinja (when the file has tokenizer.chat_template); one-line ValueError for anything else."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ValueError(f"{path}: no such file")
     reader = _read(path)
     meta = _meta(reader)
@@ -261,6 +281,8 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True, tokenizer: 
     if load_tensors:
         for hf in expected_hf_shapes(arch):
             w = _dequantize(by_name[names[hf]])
+            if not np.isfinite(w).all():
+                raise ValueError(f"{path.name}: tensor {names[hf]!r} holds NaN or infinite values")
             if hf.endswith("self_attn.q_proj.weight") or hf.endswith("self_attn.q_proj.bias"):
                 w = unpermute_qk(w, arch.n_heads)
             elif hf.endswith("self_attn.k_proj.weight") or hf.endswith("self_attn.k_proj.bias"):

@@ -7,20 +7,21 @@
 
 Only safetensors are read (a single model.safetensors or shards listed by model.safetensors.index.json; every shard
 must lie inside the folder and the index must agree with the shards' own headers); pickle weights (.bin, .pt) are
-refused, and so is anything common.pretrained.from_hf_config refuses. The safetensors header is parsed here and
-each tensor read with numpy (bf16 widened through its bit pattern), so no framework is needed.
+refused, and so is anything common.pretrained.from_hf_config refuses. Headers are read and checked by the project's
+one reader (common.checkpoint.read_safetensors) and each tensor read with numpy (bf16 widened through its bit
+pattern), so no framework is needed; NaN or infinite weights are refused.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from common import validate
+from common.checkpoint import read_safetensors
 from common.pretrained import SourceArch, check_hf_tensors, expected_hf_shapes, from_hf_config
 
 # The tokenizer and chat files a retrofit carries over (those present are read as text).
@@ -51,7 +52,8 @@ def chat_template_from_files(files: dict[str, str]) -> str | None:
         return files["chat_template.jinja"]
     for name in ("chat_template.json", "tokenizer_config.json"):
         if name in files:
-            template = json.loads(files[name]).get("chat_template")
+            doc = validate.parse_json(files[name], name)
+            template = doc.get("chat_template") if isinstance(doc, dict) else None
             if isinstance(template, list):
                 named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
                 template = named.get("default")
@@ -62,29 +64,6 @@ def chat_template_from_files(files: dict[str, str]) -> str | None:
 
 # ---------------------------------------------------------------- safetensors without a framework
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
-    """({name: {"dtype", "shape", "data_offsets"}}, data start); ValueError for a truncated or malformed file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"{path.name}: header length {n} exceeds the file size {size} (truncated file?)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path.name}: unreadable safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    start = 8 + n
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        if not 0 <= begin <= end or start + end > size:
-            raise ValueError(f"{path.name}: tensor {name!r} lies beyond the end of the file (truncated file?)")
-    return header, start
-
-
 def _read_tensor(path: Path, entry: dict, start: int, name: str, dtype) -> np.ndarray:
     tag = entry["dtype"]
     if tag not in _FLOAT_DTYPES:
@@ -94,38 +73,36 @@ def _read_tensor(path: Path, entry: dict, start: int, name: str, dtype) -> np.nd
     values = raw.view(np.dtype(_FLOAT_DTYPES[tag]).newbyteorder("<"))
     if tag == "BF16":  # bf16 is the top half of a float32
         values = (values.astype(np.uint32) << 16).view(np.float32)
-    shape = tuple(entry["shape"])
-    if values.size != int(np.prod(shape, dtype=np.int64)):
-        raise ValueError(f"{path.name}: tensor {name!r} holds {values.size} values for shape {shape}")
-    return values.reshape(shape).astype(dtype, copy=False)
+    values = values.reshape(entry["shape"]).astype(dtype, copy=False)  # the header check fixed the byte count
+    if not np.isfinite(values).all():
+        raise ValueError(f"{path.name}: tensor {name!r} holds NaN or infinite values")
+    return values
 
 
 def _inside(folder: Path, rel: str, what: str) -> Path:
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+    """A shard named by the index: a relative path to a regular file inside the folder (a link only when
+    its target stays inside; common.validate.regular_file looks before anything opens it)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
         raise ValueError(f"{what}: shard name {rel!r} must be a relative path inside the folder")
     path = folder / rel
-    if not path.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"{what}: shard {rel!r} resolves outside the folder")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ValueError(f"{what}: shard {rel!r} is missing")
-    return path
+    return validate.regular_file(path, folder, f"shard named by {what}")
 
 
 def _weight_files(folder: Path) -> dict[str, tuple[Path, dict, int]]:
     """{tensor name: (file, header entry, data start)} for the folder's safetensors weights."""
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index.name}: no readable weight_map ({type(e).__name__})") from None
+    if os.path.lexists(index):
+        doc = validate.read_json(index, "shard index", folder)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index.name}: weight_map must be a non-empty mapping")
         shards = {rel: _inside(folder, rel, index.name) for rel in sorted(set(weight_map.values()))}
         out = {}
         for rel, path in shards.items():
-            header, start = read_safetensors_header(path)
+            header, _, start = read_safetensors(path, folder)
             for name, entry in header.items():
                 if weight_map.get(name) != rel:
                     raise ValueError(f"{index.name}: tensor {name!r} lies in {rel!r} but weight_map says "
@@ -135,8 +112,8 @@ def _weight_files(folder: Path) -> dict[str, tuple[Path, dict, int]]:
         if missing:
             raise ValueError(f"{index.name}: tensor {missing[0]!r} is not in its shard {weight_map[missing[0]]!r}")
         return out
-    if single.is_file():
-        header, start = read_safetensors_header(single)
+    if os.path.lexists(single):
+        header, _, start = read_safetensors(single, folder)
         return {name: (single, entry, start) for name, entry in header.items()}
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -150,12 +127,11 @@ def read_hf_folder(folder: str | os.PathLike, *, dtype=np.float32, load_tensors:
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a directory")
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise ValueError(f"{folder}: no config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: invalid JSON ({e})") from None
+    config = validate.read_json(config_path, "Hugging Face config.json", folder)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     arch = from_hf_config(config)
     located = _weight_files(folder)
     check_hf_tensors(arch, {name: tuple(entry["shape"]) for name, (_, entry, _) in located.items()})
@@ -164,9 +140,9 @@ def read_hf_folder(folder: str | os.PathLike, *, dtype=np.float32, load_tensors:
         for name in expected_hf_shapes(arch):
             path, entry, start = located[name]
             tensors[name] = _read_tensor(path, entry, start, name, dtype)
-    files = {name: (folder / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
-             if (folder / name).is_file()}
+    files = {name: validate.read_text(folder / name, name, folder) for name in TOKENIZER_FILES
+             if os.path.lexists(folder / name)}
     return Source(arch=arch, tensors=tensors, files=files, origin={"format": "hf", "path": str(folder)})
 
 
-__all__ = ["Source", "read_hf_folder", "read_safetensors_header", "chat_template_from_files", "TOKENIZER_FILES"]
+__all__ = ["Source", "read_hf_folder", "chat_template_from_files", "TOKENIZER_FILES"]

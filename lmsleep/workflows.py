@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common import checkpoint as ckpt
 from common import training as tr
+from common import validate
 from common.config import ModelConfig, TrainConfig
 from common.tasks import make
 from common.training import build_run
@@ -32,15 +33,30 @@ def launch_distributed(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
-def model_task(model_dir, task_name: str | None, task_params: dict):
-    """The task to evaluate on: given explicitly, or the one recorded in the model folder by the trainer."""
+def model_task(model_dir, task_name: str | None, task_params: dict, data: str | None = None):
+    """The task to evaluate on: given explicitly, or the one recorded in the model folder by the trainer.
+
+    `data` is a data file the user names (`lmsleep eval --data`): it replaces the recorded path. A path
+    recorded in config.json is resolved relative to the model folder and refused when it lies outside it
+    (a config.json must not make eval read an arbitrary file); a path in `task_params` (--task-arg) is the
+    user's own and used as given.
+    """
     _, doc = ckpt.read_config(model_dir)
+    if data is not None:
+        task_params = {**task_params, "path": str(data)}
+    if task_name is not None:
+        return make(task_name, **task_params)
     recorded = doc.get("task")
-    if task_name is None:
-        if not recorded:
-            raise ValueError(f"{model_dir}: no task recorded in config.json; pass --task")
-        return make(recorded["name"], **{**recorded["params"], **task_params})
-    return make(task_name, **task_params)
+    if not recorded:
+        raise ValueError(f"{model_dir}: no task recorded in config.json; pass --task")
+    if (not isinstance(recorded, dict) or not isinstance(recorded.get("name"), str)
+            or not isinstance(recorded.get("params", {}), dict)):
+        raise ckpt.CheckpointError(f"{Path(model_dir) / ckpt.CONFIG_FILE}: task must be "
+                                   '{"name": ..., "params": {...}}')
+    params = dict(recorded.get("params", {}))
+    if "path" in params and "path" not in task_params:
+        params["path"] = validate.task_file(model_dir, params["path"])
+    return make(recorded["name"], **{**params, **task_params})
 
 
 def run_eval(backend: str, model_dir, task, passes_list, *, n=512, seed=tr.EVAL_SEED, progress=True) -> list[dict]:

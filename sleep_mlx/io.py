@@ -13,10 +13,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from common import checkpoint as ckpt
+from common import validate
 from common.tokenizers import tokenizer_from_dict
 from sleep_mlx.model import HybridLM
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_DTYPE_NAMES = {tag: name for name, tag in ckpt.DTYPE_TAGS.items()}  # "BF16" -> "bfloat16"
 
 
 def save(model: HybridLM, path: str | os.PathLike, *, dtype: str | None = None, shard_size: int | None = None,
@@ -50,52 +52,56 @@ def write_tensors(path, tensors: dict[str, mx.array], config_doc: dict, *, shard
         ckpt.write_companions(tmp, files or {})
 
 
-def read_tensors(path) -> tuple[dict, dict[str, mx.array]]:
-    """Validate a folder and read every tensor -> (config.json document, {name: array})."""
-    _, doc, where = ckpt.validate_folder(path)
+def read_tensors(path, checked: tuple | None = None) -> tuple[dict, dict[str, mx.array]]:
+    """Validate a folder (unless `checked`, validate_folder's result, says it was) and read every tensor
+    -> (config.json document, {name: array})."""
+    _, doc, where = checked or ckpt.validate_folder(path)
     tensors = {}
     for f in sorted(set(where.values())):
-        tensors.update(mx.load(str(f)))
+        tensors.update(mx.load(str(f), format="safetensors"))
     return doc, tensors
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None) -> HybridLM:
-    """Load a model folder written by either backend. dtype None keeps the stored dtype."""
+    """Load a model folder written by either backend. dtype None keeps the stored dtype.
+
+    Everything is checked before a tensor is read (common.checkpoint.check_folder: files, headers, one
+    float dtype, finite values); the tokenizer must fit the model's vocabulary."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    config, doc, _ = ckpt.validate_folder(path)
+    config, doc, where, stored = ckpt.check_folder(path)
+    dtype = DTYPES[dtype or _DTYPE_NAMES[stored]]
     if doc.get("quantization"):
-        return _load_quantized(path, config, doc, dtype)
-    _, tensors = read_tensors(path)
+        return _load_quantized(path, config, doc, where, dtype)
+    _, tensors = read_tensors(path, (config, doc, where))
     model = HybridLM(config, seed=None)
-    stored = next(iter(tensors.values())).dtype
-    model.set_dtype(DTYPES[dtype] if dtype else stored)
+    model.set_dtype(dtype)
     model.load_arrays(tensors)
+    return _finish(model, doc, path)
+
+
+def _finish(model: HybridLM, doc: dict, path) -> HybridLM:
+    """Attach the folder's tokenizer (it must fit the model's vocabulary) and chat template."""
     model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
+    validate.check_tokenizer(model.tokenizer, model.config.vocab_size, path)
     model.chat_template = ckpt.read_chat_template(path)
     return model
 
 
 # --- quantized folders (written by convert/quantize.py) -------------------------------------------------
 
-def _load_quantized(path, config, doc: dict, dtype: str | None) -> HybridLM:
-    """Build the model, swap exactly the listed layers for nn.QuantizedLinear, then load the packed weights."""
-    q = doc["quantization"]
-    bits, group, layers = q.get("bits"), q.get("group_size"), q.get("layers")
+def _load_quantized(path, config, doc: dict, where: dict, dtype) -> HybridLM:
+    """Build the model, swap exactly the listed layers for nn.QuantizedLinear, then load the packed weights.
+    (check_folder has checked the quantization block, the listed layers and the packed shapes.)"""
+    bits, group, layers = validate.check_quantization(doc["quantization"], path)
     model = HybridLM(config, seed=None)
     linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if bits not in (2, 3, 4, 5, 6, 8) or group not in (32, 64, 128):
-        raise ckpt.CheckpointError(f"{path}: quantized folders need bits 2, 3, 4, 5, 6 or 8 and group_size 32, "
-                                   f"64 or 128 (config.json says bits={bits!r}, group_size={group!r})")
-    if not isinstance(layers, list) or not layers or not set(layers) <= linear:
-        bad = sorted(set(layers) - linear)[:1] if isinstance(layers, list) and layers else layers
+    if not set(layers) <= linear:
         raise ckpt.CheckpointError(f"{path}: quantized folders must list the linear layers they quantize "
-                                   f"(config.json quantization.layers has {bad!r})")
-    _, tensors = read_tensors(path)
-    model.set_dtype(DTYPES[dtype] if dtype else tensors["embed.weight"].dtype)  # floats only: packed stay uint32
+                                   f"(config.json quantization.layers has {sorted(set(layers) - linear)[0]!r})")
+    _, tensors = read_tensors(path, (config, doc, where))
+    model.set_dtype(dtype)  # floats only: packed stay uint32
     listed = set(layers)
     nn.quantize(model, group_size=group, bits=bits, class_predicate=lambda name, m: name in listed)
     model.load_arrays(tensors)
-    model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
-    model.chat_template = ckpt.read_chat_template(path)
-    return model
+    return _finish(model, doc, path)

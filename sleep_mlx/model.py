@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from common import checkpoint as ckpt
 from common import memory
 from common import sleep as schedule
 from common.checkpoint import atomic_file
@@ -116,8 +117,9 @@ class HybridLM(nn.Module):
 
     def load_state(self, path) -> State:
         """Read a memory file written for this model (by either backend); continuing is exact."""
-        counters = memory.check_memory_file(path, self.fingerprint())
-        return memory.named_to_state(mx.load(str(path)), self.config.layer_types, counters)
+        dtype = ckpt.DTYPE_TAGS[str(self.embed.weight.dtype).rsplit(".", 1)[-1]]
+        counters = memory.check_memory_file(path, self.fingerprint(), self.config, dtype)  # shapes, dtypes, finite
+        return memory.named_to_state(mx.load(str(path), format="safetensors"), self.config.layer_types, counters)
 
     # --- internals (pure: they return a new State) -----------------------------------------------
     def _passes(self, passes) -> int:

@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import checkpoint as ckpt
+from common import validate
 from common.tokenizers import tokenizer_from_dict
 from sleep_torch.model import HybridLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {tag: name for name, tag in ckpt.DTYPE_TAGS.items()}  # "BF16" -> "bfloat16"
 
 
 def save(model: HybridLM, path: str | os.PathLike, *, dtype: str | None = None, shard_size: int | None = None,
@@ -48,9 +50,10 @@ def write_tensors(path, tensors: dict[str, torch.Tensor], config_doc: dict, *, s
         ckpt.write_companions(tmp, files or {})
 
 
-def read_tensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Validate a folder and read every tensor -> (config.json document, {name: tensor})."""
-    _, doc, where = ckpt.validate_folder(path)
+def read_tensors(path, checked: tuple | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Validate a folder (unless `checked`, validate_folder's result, says it was) and read every tensor
+    -> (config.json document, {name: tensor})."""
+    _, doc, where = checked or ckpt.validate_folder(path)
     tensors = {}
     for f in sorted(set(where.values())):
         tensors.update(load_file(str(f)))
@@ -58,17 +61,26 @@ def read_tensors(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None, device: str | torch.device | None = None) -> HybridLM:
-    """Load a model folder written by either backend. dtype None keeps the stored dtype."""
+    """Load a model folder written by either backend. dtype None keeps the stored dtype.
+
+    Everything is checked before a tensor is read (common.checkpoint.check_folder: files, headers, one
+    float dtype, finite values); the tokenizer must fit the model's vocabulary."""
     ckpt.check_dtype(dtype)
-    config, doc, _ = ckpt.validate_folder(path)
+    config, doc, where, stored = ckpt.check_folder(path)
     if doc.get("quantization"):
         raise ckpt.CheckpointError(f"{path}: quantized folders run on the MLX backend; dequantize it with "
                                    "`lmsleep convert --dequantize` to use it with torch")
-    _, tensors = read_tensors(path)
+    _, tensors = read_tensors(path, (config, doc, where))
     model = HybridLM(config, seed=None)
-    stored = next(iter(tensors.values())).dtype
-    model.to(DTYPES[dtype] if dtype else stored)
+    model.to(DTYPES[dtype or _DTYPE_NAMES[stored]])
     model.load_arrays(tensors)
-    model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
-    model.chat_template = ckpt.read_chat_template(path)
+    _finish(model, doc, path)
     return model.to(device) if device is not None else model
+
+
+def _finish(model: HybridLM, doc: dict, path) -> HybridLM:
+    """Attach the folder's tokenizer (it must fit the model's vocabulary) and chat template."""
+    model.tokenizer = tokenizer_from_dict(doc["tokenizer"], path) if doc.get("tokenizer") else None
+    validate.check_tokenizer(model.tokenizer, model.config.vocab_size, path)
+    model.chat_template = ckpt.read_chat_template(path)
+    return model

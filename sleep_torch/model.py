@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common import checkpoint as ckpt
 from common import memory
 from common import sleep as schedule
 from common.checkpoint import atomic_file
@@ -110,7 +111,8 @@ class HybridLM(nn.Module):
         """Read a memory file written for this model (by either backend); continuing is exact."""
         from safetensors.torch import load_file
 
-        counters = memory.check_memory_file(path, self.fingerprint())
+        dtype = ckpt.DTYPE_TAGS[str(self.embed.weight.dtype).rsplit(".", 1)[-1]]
+        counters = memory.check_memory_file(path, self.fingerprint(), self.config, dtype)  # shapes, dtypes, finite
         device = self.embed.weight.device
         tensors = {k: v.to(device) for k, v in load_file(str(path)).items()}
         return memory.named_to_state(tensors, self.config.layer_types, counters)

@@ -152,6 +152,8 @@ def test_text_training_eval_perplexity_and_generation_stop(tmp_path):
                  "--out", out, "--quiet", "--backend", "torch")
     assert result.exit_code == 0, result.output
     result = run("eval", out / "model", "--n", "4", "--json", "-", "--backend", "torch")
+    assert result.exit_code == 2 and "outside the model folder" in result.output  # a recorded path is not trusted
+    result = run("eval", out / "model", "--n", "4", "--json", "-", "--backend", "torch", "--task-arg", f"path={data}")
     assert result.exit_code == 0, result.output
     assert "perplexity" in result.output
     result = run("generate", out / "model", "--prompt", "the ", "--max-tokens", "40", "--verbose", "--backend", "torch")

@@ -48,14 +48,29 @@ class Task:
 
 # ---- parameter checks (errors name the task, the parameter and the value) ----
 
+# Every integer task parameter and every example's length is bounded (docs/FORMAT.md "Limits"): a task
+# recorded in a model folder's config.json is data read from disk and must not ask for 10^12 tokens.
+MAX_TASK_INT = 1 << 20
+MAX_TASK_TOKENS = 1 << 20  # tokens of one example (seq_len)
+
+
 def check_int(task: str, name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer parameter in [lo, hi] (hi defaults to MAX_TASK_INT)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{task}: {name} must be an integer, got {value!r}")
+        raise ValueError(f"{task}: {name} must be an integer, got {str(value)[:60]!r}")
     value = int(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    hi = MAX_TASK_INT if hi is None else hi
+    if (lo is not None and value < lo) or value > hi:
+        bounds = f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
         raise ValueError(f"{task}: {name} must be {bounds}, got {value}")
     return value
+
+
+def check_tokens(task: str, seq_len: int) -> int:
+    """An example's length must stay within MAX_TASK_TOKENS."""
+    if seq_len > MAX_TASK_TOKENS:
+        raise ValueError(f"{task}: these parameters make examples of {seq_len} tokens (at most {MAX_TASK_TOKENS})")
+    return seq_len
 
 
 def check_range(task: str, name: str, value, lo: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.tasks.base import (Batch, Task, answer_hits, check_int, check_range, check_sample_args,
+from common.tasks.base import (Batch, Task, answer_hits, check_int, check_range, check_sample_args, check_tokens,
                                grouped_accuracy, json_range)
 from common.tokenizers import CharTokenizer
 
@@ -49,7 +49,7 @@ class DepoTask(Task):
         self.pad_id, self.arrow_id, self.comma_id, self.colon_id = range(4)
         self.hop0_id = len(specials) - 1  # id of h<k> = hop0_id + k
         self.node0_id = len(specials) + len(hops)  # id of n<i> = node0_id + i
-        self.seq_len = self.context + 4 * self.queries
+        self.seq_len = check_tokens(t, self.context + 4 * self.queries)
 
     def sample(self, n: int, seed: int) -> Batch:
         n, seed = check_sample_args(self.name, n, seed)

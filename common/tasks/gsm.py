@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.tasks.base import (Batch, Task, answer_hits, check_int, check_range, check_sample_args,
+from common.tasks.base import (Batch, Task, answer_hits, check_int, check_range, check_sample_args, check_tokens,
                                grouped_accuracy, json_range)
 from common.tokenizers import CharTokenizer
 
@@ -62,7 +62,7 @@ class GsmTask(Task):
         self.ids = {w: i for i, w in enumerate(WORDS)}
         self.num0_id = len(WORDS)  # id of number x = num0_id + x
         self.var0_id = len(WORDS) + self.modulus  # id of v<i> = var0_id + i
-        self.seq_len = self.context + 3
+        self.seq_len = check_tokens(t, self.context + 3)
 
     # ---- the needed program, one statement index j at a time, vectorized over examples ----
     def _program(self, rng, m):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.tasks.base import Batch, Task, answer_hits, check_int, check_sample_args
+from common.tasks.base import Batch, Task, answer_hits, check_int, check_sample_args, check_tokens
 from common.tokenizers import CharTokenizer
 
 RULE = 110
@@ -43,12 +43,12 @@ class Rule110Task(Task):
         t = self.name
         self.width = check_int(t, "width", width, 3)
         self.states = check_int(t, "states", states, 1, self.width - 1)  # '|' + answers fit one window
-        self.steps = check_int(t, "steps", steps, 0)
+        self.steps = check_int(t, "steps", steps, 0, 1 << 16)
         self.params = {"width": self.width, "states": self.states, "steps": self.steps}
         self.tokenizer = CharTokenizer(["0", "1", "|"])
         self.query_id = self.tokenizer.token_to_id("|")
         self.window = self.width
-        self.seq_len = self.states * self.width + 1 + self.states
+        self.seq_len = check_tokens(t, self.states * self.width + 1 + self.states)
 
     def sample(self, n: int, seed: int) -> Batch:
         n, seed = check_sample_args(self.name, n, seed)

@@ -12,15 +12,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from common.tasks.base import Batch, Task, check_int, check_sample_args
 from common.tokenizers import ByteTokenizer
+from common.validate import regular_file
 
 
 def read_documents(path: Path, field: str) -> list[str]:
+    if os.path.lexists(path) and not path.is_dir():  # a FIFO or a device would block or never end: lstat first
+        try:
+            regular_file(path, None, "text data file")
+        except ValueError as e:
+            raise ValueError(f"text: {e}") from None
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
