@@ -8,12 +8,15 @@ after the reply (while the user is typing), and is joined before the next input 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from common.conversation import Conversation
+from lmsleep.workflows import encode_text, one_line
 
 HELP = ("commands: /reset (forget everything), /sleep (consolidate the current window now), "
         "/save FILE, /load FILE (memory files), /stats, /help, /quit")
@@ -55,13 +58,8 @@ class ChatSession:
         command, _, arg = line.strip().partition(" ")
         if command in ("/quit", "/exit"):
             return False
-        actions = {"/reset": self._reset, "/sleep": self._force_sleep, "/stats": self._stats,
-                   "/help": lambda _: self.write(HELP), "/save": self._save, "/load": self._load}
-        if command in actions:
-            try:
-                actions[command](arg.strip())
-            except ValueError as e:  # bad file, wrong model: say so, keep the conversation
-                self.write(f"error: {str(e).splitlines()[0]}")
+        if command in ("/reset", "/sleep", "/stats", "/help", "/save", "/load"):
+            self.command(command, arg.strip())
             return True
         if command.startswith("/"):
             self.write(f"unknown command {command}; {HELP}")
@@ -69,12 +67,22 @@ class ChatSession:
         self.reply(line)
         return True
 
+    def command(self, name: str, arg: str) -> None:
+        """Run one /command; a failure (bad file, wrong model, unwritable path) is one line and changes
+        nothing: the State and the conversation stay as they were."""
+        actions = {"/reset": self._reset, "/sleep": self._force_sleep, "/stats": self._stats,
+                   "/help": lambda _: self.write(HELP), "/save": self._save, "/load": self._load}
+        try:
+            actions[name](arg)
+        except (ValueError, OSError) as e:
+            self.write(f"error: {one_line(e)}")
+
     def reply(self, text: str) -> str:
         """Feed the user's turn (only what it adds), stream the reply as it is generated."""
         try:
-            ids = self.tokenizer.encode(self.conversation.user_turn(text))
-        except ValueError as e:
-            self.write(f"error: {e}")
+            ids = encode_text(self.tokenizer, self.conversation.user_turn(text))
+        except ValueError as e:  # a character the vocabulary lacks, a template that refuses the turn
+            self.write(f"error: {one_line(e)}")
             return ""
         tokens, shown = [], ""
         with self.no_grad():
@@ -116,6 +124,8 @@ class ChatSession:
     def _save(self, path):
         if not path:
             raise ValueError("/save needs a file name")
+        if os.path.isdir(path):  # checked first: the write would fail only after serializing the State
+            raise IsADirectoryError(errno.EISDIR, "is a directory; /save needs a file name", path)
         self.model.save_state(self.state, path)
         self.write(f"[memory saved to {path}]")
 
@@ -123,8 +133,9 @@ class ChatSession:
         if not path:
             raise ValueError("/load needs a file name")
         if not Path(path).is_file():
-            raise ValueError(f"{path}: no such memory file")
-        self.state = self.model.load_state(path)
+            raise ValueError(f"{path}: no such memory file" if not Path(path).exists() else
+                             f"{path}: not a memory file (a directory or a special file)")
+        self.state = self.model.load_state(path)  # assigned only once the whole file has loaded
         self.write(f"[memory loaded: {self.state.seen} tokens, {self.state.sleeps} sleeps]")
 
 
@@ -143,6 +154,8 @@ def run_repl(session: ChatSession, *, interactive: bool) -> None:
             atexit.register(readline.write_history_file, history)
         prompt = "> "
         session.write(HELP)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach a byte-level model as bytes
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input(prompt)

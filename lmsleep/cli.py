@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 
 import click
+
+from common.config import MAX_SLEEP_PASSES
 
 
 class UserError(click.ClickException):
@@ -21,19 +24,42 @@ class UserError(click.ClickException):
 
 
 def user_errors(fn):
-    """Turn ValueError / FileNotFoundError raised by library code into a one-line UserError.
+    """Turn the failures a user causes into a one-line UserError (exit 2):
 
-    Library code validates user input where it reads it and raises ValueError naming the value;
-    anything else (a KeyError included) is a bug and keeps its traceback."""
+    ValueError (library code validates what it reads and names the bad value), OSError (a path the
+    user gave: missing, a directory where a file is expected, under a file, not writable, a full
+    disk) and common.training.TrainingError (the NaN stop). Anything else (KeyError, TypeError...)
+    is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from common.training import TrainingError  # the command imports it anyway; --help stays light
+        from lmsleep.workflows import one_line
+
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except (ValueError, OSError, TrainingError) as e:
+            raise UserError(one_line(e)) from None
 
     return wrapper
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through)."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+COUNT = click.IntRange(min=0)  # tokens, generation steps: 0 allowed
+POSITIVE = click.IntRange(min=1)  # steps, examples, sizes, repeats
+SEED = click.IntRange(0, 2**63 - 1)
+PASSES = click.IntRange(1, MAX_SLEEP_PASSES)  # N, within ModelConfig's limit (docs/FORMAT.md "Limits")
+MAX_PRINTED_EXAMPLES = 10_000  # `lmsleep data` prints; more is never readable
+MAX_EVAL_EXAMPLES = 1 << 20  # `lmsleep eval --n`: sampled at once
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -77,8 +103,9 @@ def presets(name):
 
 @cli.command()
 @click.argument("task")
-@click.option("--n", "n", default=2, show_default=True, help="Examples to print.")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--n", "n", default=2, show_default=True, type=click.IntRange(1, MAX_PRINTED_EXAMPLES),
+              help="Examples to print.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed.")
 @click.option("--set", "params", multiple=True, metavar="KEY=VALUE",
               help="Task parameter, e.g. --set steps=4 (repeatable).")
 @user_errors
@@ -147,12 +174,12 @@ def parse_pairs(pairs) -> dict:
 @click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
               help="Task parameter, e.g. --task-arg steps=4 (repeatable).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), help="Text/JSONL file for --task text.")
-@click.option("--passes", type=int, help="Sleep passes N (ModelConfig.sleep_passes).")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
-@click.option("--steps", type=int, help="Optimizer steps (TrainConfig.steps).")
+@click.option("--passes", type=PASSES, help="Sleep passes N (ModelConfig.sleep_passes).")
+@click.option("--grad-accum", type=POSITIVE, help="Micro-batches per optimizer step.")
+@click.option("--steps", type=POSITIVE, help="Optimizer steps (TrainConfig.steps).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue OUT/checkpoint exactly where it stopped.")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=click.IntRange(1, os.cpu_count() or 1), default=1, show_default=True,
               help="Processes for DistributedDataParallel (torch; gloo on CPU, NCCL on GPUs).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @backend_option
@@ -170,6 +197,7 @@ def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, r
 
     t, mc, tc = wf.build_run(task, parse_pairs(task_args), preset, parse_pairs(sets), passes=passes,
                              grad_accum=grad_accum, steps=steps, data=data)
+    resume = wf.resume_or_start(out, resume)
     if nproc > 1:
         from common.backends import BACKENDS, get
 
@@ -191,11 +219,12 @@ def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, r
 @click.argument("model_dir", type=click.Path())
 @click.option("--task", help="Task name; default: the task recorded in the model folder.")
 @click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task parameter (repeatable).")
-@click.option("--passes", "passes", multiple=True, type=int,
+@click.option("--passes", "passes", multiple=True, type=PASSES,
               help="Sleep passes N at evaluation (repeatable: compare several N). Default: the trained N.")
-@click.option("--n", "n", default=512, show_default=True, help="Examples.")
-@click.option("--seed", default=1, show_default=True, help="Sampling seed of the evaluation set.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Write results as JSON ('-' = stdout).")
+@click.option("--n", "n", default=512, show_default=True, type=click.IntRange(1, MAX_EVAL_EXAMPLES), help="Examples.")
+@click.option("--seed", default=1, show_default=True, type=SEED, help="Sampling seed of the evaluation set.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write results as JSON ('-' = stdout).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write accuracy vs N as a PNG (needs matplotlib).")
 @backend_option
 @user_errors
@@ -221,12 +250,15 @@ def eval_(model_dir, task, task_args, passes, n, seed, json_out, plot, backend):
 
 def sampling_options(fn):
     for option in reversed([
-        click.option("--max-tokens", default=200, show_default=True, help="Tokens to generate."),
-        click.option("--temp", default=0.0, show_default=True, help="Temperature; 0 = greedy."),
-        click.option("--top-k", default=0, show_default=True, help="Sample from the k most likely; 0 = all."),
-        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
-        click.option("--seed", default=0, show_default=True, help="Sampling seed."),
-        click.option("--passes", type=int, help="Sleep passes N (default: the model's)."),
+        click.option("--max-tokens", default=200, show_default=True, type=COUNT, help="Tokens to generate."),
+        click.option("--temp", default=0.0, show_default=True, type=FiniteFloat(min=0),
+                     help="Temperature; 0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, type=COUNT,
+                     help="Sample from the k most likely; 0 = all."),
+        click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0, 1, min_open=True),
+                     help="Nucleus sampling mass, in (0, 1]."),
+        click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed."),
+        click.option("--passes", type=PASSES, help="Sleep passes N (default: the model's)."),
         click.option("--dtype", type=dtype_choice(), help="Compute dtype."),
     ]):
         fn = option(fn)
@@ -269,7 +301,8 @@ def generate(model_dir, prompt, verbose, max_tokens, temp, top_k, top_p, seed, p
 
 @cli.command()
 @click.argument("model_dir", type=click.Path())
-@click.option("--memory", type=click.Path(dir_okay=False), help="Start from a memory file (written by /save).")
+@click.option("--memory", type=click.Path(), help="Start from a memory file (written by /save); one that cannot "
+              "be loaded is reported and the chat starts empty.")
 @click.option("--system", help="System message (models with a chat template).")
 @sampling_options
 @backend_option
@@ -299,9 +332,7 @@ def chat(model_dir, memory, system, max_tokens, temp, top_k, top_p, seed, passes
                           echo=lambda text, nl=True: click.echo(text, nl=nl),
                           conversation=wf.conversation_for(model_dir, tok, system))
     if memory:
-        if not os.path.isfile(memory):
-            raise UserError(f"{memory}: no such memory file")
-        session.state = model.load_state(memory)
+        session.command("/load", memory)
     run_repl(session, interactive=sys.stdin.isatty())
 
 
@@ -366,7 +397,7 @@ def parse_insert_at(ctx, param, value):
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Attention window L (tokens kept before a sleep).")
 @click.option("--eviction", default="hard", show_default=True, type=click.Choice(["hard", "sliding"]))
-@click.option("--passes", default=2, show_default=True, type=click.IntRange(1, 64), help="Sleep passes N.")
+@click.option("--passes", default=2, show_default=True, type=PASSES, help="Sleep passes N.")
 @click.option("--ssm-heads", type=click.IntRange(1, 1024), help="Heads of the inserted SSM blocks "
               "[default: the attention's].")
 @click.option("--ssm-head-dim", type=click.IntRange(1, 4096), help="Key size of the inserted SSM blocks "
@@ -411,13 +442,13 @@ def retrofit(src, out, insert, insert_at, loop, window, eviction, passes, ssm_he
 
 @cli.command(name="parity")
 @click.argument("model_dir", type=click.Path())
-@click.option("--passes", type=int, help="Sleep passes N (default: the model's).")
-@click.option("--tokens", default=64, show_default=True, help="Random tokens per sequence.")
-@click.option("--batch", default=2, show_default=True, help="Sequences.")
-@click.option("--gen-tokens", default=50, show_default=True, help="Greedy generation steps to compare.")
+@click.option("--passes", type=PASSES, help="Sleep passes N (default: the model's).")
+@click.option("--tokens", default=64, show_default=True, type=POSITIVE, help="Random tokens per sequence.")
+@click.option("--batch", default=2, show_default=True, type=POSITIVE, help="Sequences.")
+@click.option("--gen-tokens", default=50, show_default=True, type=COUNT, help="Greedy generation steps to compare.")
 @click.option("--eviction", type=click.Choice(["hard", "sliding"]), help="Override the model's eviction mode.")
-@click.option("--tol", default=1e-4, show_default=True, help="Largest relative error allowed.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random tokens.")
+@click.option("--tol", default=1e-4, show_default=True, type=FiniteFloat(min=0), help="Largest relative error allowed.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random tokens.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write the report as JSON ('-' = stdout).")
 @user_errors
@@ -512,7 +543,7 @@ def bench_options(fn):
         click.option("--plot", type=click.Path(dir_okay=False),
                      help="Also draw the results as a PNG (needs matplotlib)."),
         click.option("--device", default="auto", show_default=True, help=device_help()),
-        click.option("--threads", type=int, help="torch intra-op threads (default: one per core)."),
+        click.option("--threads", type=POSITIVE, help="torch intra-op threads (default: one per core)."),
     ]):
         fn = option(fn)
     return backend_option(fn)
@@ -557,9 +588,9 @@ def progress_echo(line: str) -> None:
 
 
 @bench.command(name="scan")
-@click.option("--length", "lengths", multiple=True, type=int,
+@click.option("--length", "lengths", multiple=True, type=POSITIVE,
               help="Sequence length T (repeatable).  [default: 256 1024 4096; --quick: 256 1024]")
-@click.option("--repeats", type=int, help="Timed runs per cell (after one warm-up).")
+@click.option("--repeats", type=POSITIVE, help="Timed runs per cell (after one warm-up).")
 @bench_options
 @user_errors
 def bench_scan(lengths, repeats, quick, json_out, plot, device, threads, backend):
@@ -580,14 +611,15 @@ def bench_scan(lengths, repeats, quick, json_out, plot, device, threads, backend
 
 
 @bench.command(name="decode")
-@click.option("--context", "contexts", multiple=True, type=int,
+@click.option("--context", "contexts", multiple=True, type=POSITIVE,
               help="Context length to measure at (repeatable).  [default: 1024 4096 16384 65536; --quick: 1024 4096]")
-@click.option("--measure", type=int, help="Single-token steps timed at each context.  [default: 256; --quick: 128]")
+@click.option("--measure", type=POSITIVE,
+              help="Single-token steps timed at each context.  [default: 256; --quick: 128]")
 @click.option("--stream", "stream_mode", type=click.Choice(["tokens", "chunks"]),
               help="How the sleep model reaches each context: one token per step, or a window per step.  "
                    "[default: tokens; --quick: chunks]")
-@click.option("--passes", default=2, show_default=True, help="Sleep passes N of the sleep model.")
-@click.option("--window", default=64, show_default=True, help="Window L of the sleep model.")
+@click.option("--passes", default=2, show_default=True, type=PASSES, help="Sleep passes N of the sleep model.")
+@click.option("--window", default=64, show_default=True, type=POSITIVE, help="Window L of the sleep model.")
 @click.option("--no-baseline", is_flag=True, help="Skip the growing-KV-cache baseline.")
 @bench_options
 @user_errors
@@ -611,11 +643,11 @@ def bench_decode(contexts, measure, stream_mode, passes, window, no_baseline, qu
 
 
 @bench.command(name="sleep")
-@click.option("--passes", "passes", multiple=True, type=int,
+@click.option("--passes", "passes", multiple=True, type=PASSES,
               help="Sleep passes N (repeatable).  [default: 1..8; --quick: 1 2 4 8]")
-@click.option("--window", "windows", multiple=True, type=int,
+@click.option("--window", "windows", multiple=True, type=POSITIVE,
               help="Window L (repeatable).  [default: 64 128 256; --quick: 64 128]")
-@click.option("--batch", default=1, show_default=True, help="Streams sleeping at once.")
+@click.option("--batch", default=1, show_default=True, type=POSITIVE, help="Streams sleeping at once.")
 @bench_options
 @user_errors
 def bench_sleep(passes, windows, batch, quick, json_out, plot, device, threads, backend):
@@ -636,12 +668,12 @@ def bench_sleep(passes, windows, batch, quick, json_out, plot, device, threads, 
 @click.option("--preset", "presets", multiple=True, type=click.Choice(["paper-rule110", "paper-depo", "debug"]),
               help="Model preset and its task (repeatable).  "
                    "[default: paper-rule110 paper-depo; --quick: paper-rule110]")
-@click.option("--passes", "passes", multiple=True, type=int,
+@click.option("--passes", "passes", multiple=True, type=PASSES,
               help="Sleep passes N (repeatable).  [default: 1 2 4; --quick: 1 4]")
-@click.option("--batch", type=int, help="Examples per optimizer step.  [default: 64; --quick: 16]")
-@click.option("--micro-batch", type=int,
+@click.option("--batch", type=POSITIVE, help="Examples per optimizer step.  [default: 64; --quick: 16]")
+@click.option("--micro-batch", type=POSITIVE,
               help="Rows per forward/backward (gradients accumulate).  [default: the whole batch; paper-depo: 8]")
-@click.option("--repeats", type=int, help="Timed steps per row (after one warm-up step).")
+@click.option("--repeats", type=POSITIVE, help="Timed steps per row (after one warm-up step).")
 @click.option("--scan-impl", default="auto", show_default=True,
               type=click.Choice(["auto", "chunk", "kernel", "ref"]),
               help="ssm_scan implementation used in training (auto = kernel on CUDA, else chunk).")
@@ -670,9 +702,9 @@ def bench_train(presets, passes, batch, micro_batch, repeats, scan_impl, no_prof
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the two runs go (re-running continues / reuses them).")
-@click.option("--steps", default=200, show_default=True, help="Training steps for each N.")
-@click.option("--batch-size", default=32, show_default=True, help="Examples per step.")
-@click.option("--seed", default=0, show_default=True, help="Init and data seed (same for both N).")
+@click.option("--steps", default=200, show_default=True, type=POSITIVE, help="Training steps for each N.")
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE, help="Examples per step.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Init and data seed (same for both N).")
 @backend_option
 @user_errors
 def demo(out, steps, batch_size, seed, backend):

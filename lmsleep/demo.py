@@ -34,7 +34,8 @@ def run_demo(out: str = "runs/demo", *, passes=(1, 4), steps: int = 200, batch_s
         click.echo(f"Training N={n}: {mc.layer_types}, d_model={mc.d_model}, batch {tc.batch_size}, {tc.steps} steps "
                    f"-> {run_dir}")
         start = time.perf_counter()
-        summary = wf.run_train(backend, task, mc, tc, str(run_dir), resume=(run_dir / tr.CHECKPOINT_DIR).exists())
+        resume = wf.resume_or_start(run_dir, True, note=False)  # re-running continues (also after a kill)
+        summary = wf.run_train(backend, task, mc, tc, str(run_dir), resume=resume)
         ev = summary["eval"]
         rows.append({"N": n, "exact": ev["exact"], "per_answer": ev["per_answer"],
                      "majority_exact": ev["majority_exact"], "wall_s": round(time.perf_counter() - start, 1)})

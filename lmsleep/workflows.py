@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common import checkpoint as ckpt
@@ -20,17 +22,63 @@ from common.training import build_run
 from lmsleep.backends import load_backend, resolve
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message; an OSError names its path ("runs/x: Permission denied")."""
+    if isinstance(e, OSError) and e.filename is not None:
+        paths = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+        text = f"{paths}: {e.strerror or type(e).__name__}"
+    else:
+        text = str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
 def run_train(backend: str, task, mc: ModelConfig, tc: TrainConfig, out: str, *, resume=False, progress=True,
               max_steps=None) -> dict:
     return load_backend(backend).train.train(task, mc, tc, out, resume=resume, progress=progress,
                                              max_steps=max_steps)
 
 
+def resume_or_start(out, resume: bool, *, note: bool = True) -> bool:
+    """Whether `--resume` has a checkpoint to continue: a run killed before its first save has none,
+    and starts from step 0 (with a note) instead of failing, so that a job can always be rerun with
+    --resume. A replacement of OUT/checkpoint cut short by a kill is recovered first."""
+    if not resume:
+        return False
+    ckpt_dir = Path(out) / tr.CHECKPOINT_DIR
+    ckpt.recover_folder(ckpt_dir)
+    if os.path.lexists(ckpt_dir):
+        return True
+    if note:
+        print(f"note: nothing to resume in {out} (no {tr.CHECKPOINT_DIR}/ saved yet): starting from step 0",
+              file=sys.stderr)
+    return False
+
+
 def launch_distributed(nproc: int, argv: list[str]) -> int:
-    """Run `python -m sleep_torch.train ARGV` under torchrun with nproc processes (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "sleep_torch.train", *argv]
-    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    """Run `python -m sleep_torch.train ARGV` as nproc ranks of one process group on this machine
+    (gloo on CPU, NCCL on GPUs; what `torchrun --standalone` does, without its report of a failed rank).
+    When a rank fails (it has printed the one-line reason) the others are stopped; returns its exit
+    code (2 for a user's mistake or the NaN stop), or 0."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    cmd = [sys.executable, "-m", "sleep_torch.train", *argv]
+    ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    try:
+        while True:
+            codes = [p.poll() for p in ranks]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                return failed[0] if failed else 0
+            time.sleep(0.05)
+    finally:
+        for p in ranks:  # a failed rank leaves the others waiting in a collective: stop them
+            if p.poll() is None:
+                p.terminate()
+        for p in ranks:
+            p.wait()
 
 
 def model_task(model_dir, task_name: str | None, task_params: dict, data: str | None = None):
@@ -73,12 +121,10 @@ def run_eval(backend: str, model_dir, task, passes_list, *, n=512, seed=tr.EVAL_
 
 def plot_eval(rows: list[dict], path) -> Path | None:
     """Accuracy metrics vs N as a PNG; None when matplotlib is not installed."""
-    try:
-        import matplotlib
+    from lmsleep import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return None
     keys = [k for k in rows[0] if k not in ("passes", "trained_passes", "loss", "perplexity")
             and isinstance(rows[0][k], float)]
@@ -86,15 +132,9 @@ def plot_eval(rows: list[dict], path) -> Path | None:
     xs = [r["passes"] for r in rows]
     for k in keys:
         ax.plot(xs, [r.get(k, float("nan")) for r in rows], marker="o", label=k)
-    ax.set_xlabel("sleep passes N at evaluation")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"trained with N={rows[0]['trained_passes']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    ax.set(xlabel="sleep passes N at evaluation", ylabel="accuracy", title=f"trained with N={rows[0]['trained_passes']}")
+    plots.finish(ax, legend_size=7)
+    return plots.save(fig, path)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -125,7 +165,17 @@ def load_for_generation(backend: str, model_dir, dtype=None):
 def encode_prompt(tokenizer, text: str) -> list[int]:
     if not text:
         raise ValueError("empty prompt: give some text to start from")
-    return tokenizer.encode(text)
+    return encode_text(tokenizer, text)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """tokenizer.encode of text from a terminal or argv, where bytes that are not UTF-8 arrive as lone
+    surrogates (surrogateescape): a byte-level tokenizer gets those bytes back, the others (which take
+    text) get U+FFFD in their place."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if getattr(tokenizer, "kind", None) == "byte":  # ids 0..255 are the bytes themselves
+        return list(raw)
+    return tokenizer.encode(raw.decode("utf-8", "replace"))
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -155,5 +205,6 @@ def conversation_for(model_dir, tokenizer, system: str | None = None):
     return Conversation(None, system=system, newline=newline)
 
 
-__all__ = ["build_run", "run_train", "launch_distributed", "model_task", "run_eval", "plot_eval", "format_table",
-           "write_json", "load_for_generation", "encode_prompt", "stop_ids", "resolve"]
+__all__ = ["one_line", "build_run", "run_train", "resume_or_start", "launch_distributed", "model_task", "run_eval",
+           "plot_eval", "format_table", "write_json", "load_for_generation", "encode_prompt", "encode_text", "stop_ids", "conversation_for",
+           "resolve"]
