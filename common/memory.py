@@ -34,6 +34,23 @@ def fingerprint(config: ModelConfig, named_arrays: Iterable[tuple[str, np.ndarra
     return h.hexdigest()
 
 
+def remembered_fingerprint(model, params: list[tuple[str, object]], version, to_numpy) -> str:
+    """`fingerprint` of a model, recomputed only when its config or a parameter changed.
+
+    The key is the config and each parameter's identity and version (`version(p)`: torch's in-place
+    counter; MLX arrays are immutable, so an update is a new array). The memo holds the parameters
+    themselves, so an identity cannot be reused by another array while it is remembered. Hashing a
+    135M-parameter model takes about a second; a server writes a memory file per reply.
+    """
+    key = (model.config, tuple((name, id(p), version(p)) for name, p in params))
+    memo = getattr(model, "_fingerprint_memo", None)
+    if memo is None or memo[0] != key:
+        value = fingerprint(model.config, ((name, to_numpy(p)) for name, p in params))
+        memo = (key, [p for _, p in params], value)
+        object.__setattr__(model, "_fingerprint_memo", memo)
+    return memo[2]
+
+
 def state_to_named(state: State, model_hash: str):
     """A State -> ({name: tensor}, safetensors metadata of strings).
 

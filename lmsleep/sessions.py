@@ -189,9 +189,7 @@ class SnapshotStore:
         self.lock = threading.Lock()
         self.dir = None
         if directory is not None:
-            fp = model.fingerprint()
-            # A server never changes its weights: hash them once, not at every memory file written or read.
-            model.fingerprint = lambda: fp
+            fp = model.fingerprint()  # remembered by the model: not re-hashed for every memory file
             self.dir = Path(directory) / fp[:16]
             self.dir.mkdir(parents=True, exist_ok=True)
             self._scan()

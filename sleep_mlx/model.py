@@ -103,9 +103,10 @@ class HybridLM(nn.Module):
 
     # --- memory files ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Hash of config + weights; a memory file only loads into the model that wrote it."""
-        return memory.fingerprint(self.config, ((n, np.array(p.astype(mx.float32)))
-                                                for n, p in tree_flatten(self.parameters())))
+        """Hash of config + weights; a memory file only loads into the model that wrote it (remembered
+        until the config or a parameter changes)."""
+        return memory.remembered_fingerprint(self, tree_flatten(self.parameters()), lambda p: 0,
+                                             lambda p: np.array(p.astype(mx.float32)))
 
     def save_state(self, state: State, path) -> None:
         """Write a State as a memory file (safetensors, atomic); either backend reads it."""

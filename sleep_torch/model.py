@@ -95,9 +95,10 @@ class HybridLM(nn.Module):
 
     # --- memory files ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Hash of config + weights; a memory file only loads into the model that wrote it."""
-        return memory.fingerprint(self.config, ((n, p.detach().float().cpu().numpy())
-                                                for n, p in self.named_parameters()))
+        """Hash of config + weights; a memory file only loads into the model that wrote it (remembered
+        until the config or a parameter changes)."""
+        return memory.remembered_fingerprint(self, list(self.named_parameters()), lambda p: p._version,
+                                             lambda p: p.detach().float().cpu().numpy())
 
     def save_state(self, state: State, path) -> None:
         """Write a State as a memory file (safetensors, atomic); either backend reads it."""

@@ -98,3 +98,25 @@ def test_cache_lengths_are_exact(backend, eviction):
                     assert cache.committed.shape == cache.running.shape == (2, cfg.ssm_heads, cfg.ssm_v_dim,
                                                                             cfg.ssm_head_dim)
             assert state.hidden.shape[1] == full
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fingerprint_is_remembered_until_weights_or_config_change(backend, monkeypatch):
+    from common import memory
+
+    pkg, _ = BACKENDS[backend]
+    model = pkg.HybridLM(CFG, seed=3)
+    calls = []
+    real = memory.fingerprint
+    monkeypatch.setattr(memory, "fingerprint", lambda *a: calls.append(1) or real(*a))
+    first = model.fingerprint()
+    assert model.fingerprint() == first and len(calls) == 1  # remembered
+    if backend == "torch":
+        with torch.no_grad():
+            model.embed.weight[0, 0] += 1.0  # in place: the version counter moves
+    else:
+        model.embed.weight = model.embed.weight + 1.0  # MLX: an update is a new array
+    changed = model.fingerprint()
+    assert len(calls) == 2 and changed != first
+    model.config = model.config.replace(sleep_passes=3)
+    assert model.fingerprint() != changed and len(calls) == 3
