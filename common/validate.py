@@ -444,7 +444,7 @@ def task_file(folder: str | os.PathLike, recorded) -> str:
     target = (root / recorded).resolve()
     if not target.is_relative_to(root):
         raise CheckpointError(f"{where}={shown(recorded)} lies outside the model folder; name the data file "
-                              "on the command line (lmsleep eval --task-arg path=FILE)")
+                              "on the command line (lmsleep eval --data FILE)")
     regular_file(target, root, "task data file")
     return str(target)
 

@@ -143,10 +143,12 @@ def detect(src) -> str:
         raise ckpt.CheckpointError(f"{src}: no such file or folder")
     if src.is_file() or (src / tr.TRAINER_STATE_FILE).exists() or (src / tr.OPTIMIZER_FILE).exists():
         return "training"
-    try:
-        doc = json.loads((src / ckpt.CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return "training"  # no lm-sleep config.json: the training path names what is missing
+    if not (src / ckpt.CONFIG_FILE).exists():
+        return "training"  # no config.json: the training path names what is missing
+    try:  # the bounded, regular-file-only reader: a FIFO, /dev/zero or a JSON bomb is a clean error
+        doc = ckpt.read_json_file(src / ckpt.CONFIG_FILE, "not an lm-sleep model folder")
+    except ckpt.CheckpointError:
+        return "model"  # convert_model reports what is wrong with config.json
     if not isinstance(doc, dict) or doc.get("format") != ckpt.FORMAT:
         return "training"
     try:

@@ -226,19 +226,22 @@ def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, r
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write results as JSON ('-' = stdout).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write accuracy vs N as a PNG (needs matplotlib).")
+@click.option("--data", type=click.Path(dir_okay=False), help="Data file of a text task (replaces the one the "
+              "trainer recorded; a recorded path must lie inside the model folder).")
 @backend_option
 @user_errors
-def eval_(model_dir, task, task_args, passes, n, seed, json_out, plot, backend):
+def eval_(model_dir, task, task_args, passes, n, seed, json_out, plot, data, backend):
     """Score a model on its task, per difficulty, for one or several N.
 
     \b
     Examples:
       lmsleep eval runs/r110-n4/model --passes 1 --passes 2 --passes 4 --plot acc_vs_n.png
       lmsleep eval runs/depo/model --task depo --task-arg k=8 --json -
+      lmsleep eval runs/notes/model --data notes.txt
     """
     from lmsleep import workflows as wf
 
-    t = wf.model_task(model_dir, task, parse_pairs(task_args))
+    t = wf.model_task(model_dir, task, parse_pairs(task_args), data=data)
     rows = wf.run_eval(backend, model_dir, t, list(passes), n=n, seed=seed)
     click.echo(wf.format_table(rows))
     if json_out:
@@ -334,6 +337,50 @@ def chat(model_dir, memory, system, max_tokens, temp, top_k, top_p, seed, passes
     if memory:
         session.command("/load", memory)
     run_repl(session, interactive=sys.stdin.isatty())
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; keep 127.0.0.1 unless behind a proxy (there is no authentication).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port; 0 = any free.")
+@click.option("--sessions", type=click.Path(file_okay=False),
+              help="Folder for conversation snapshots (memory files): conversations survive restarts. Default: RAM.")
+@click.option("--max-sessions", default=16, show_default=True, type=click.IntRange(1, 1 << 16),
+              help="Conversation States kept in RAM.")
+@click.option("--max-disk-mb", default=1024, show_default=True, type=click.IntRange(1, 1 << 24),
+              help="Size cap of --sessions; the least recently used snapshots go first.")
+@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 256), help="Requests computed at once.")
+@click.option("--queue", default=64, show_default=True, type=click.IntRange(0, 1 << 16),
+              help="Requests waiting beyond --parallel; more get HTTP 429.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, 1 << 16),
+              help="Reply length when a request gives none.")
+@click.option("--passes", type=PASSES, help="Sleep passes N (default: the model's).")
+@click.option("--dtype", type=dtype_choice(), help="Compute dtype.")
+@click.option("--model-id", help="Model name clients send (default: the folder's name).")
+@click.option("--quiet", is_flag=True, help="No access log on stderr.")
+@backend_option
+@user_errors
+def serve(model_dir, host, port, sessions, max_sessions, max_disk_mb, parallel, queue, max_tokens, passes, dtype,
+          model_id, quiet, backend):
+    """Serve a model over an OpenAI-compatible HTTP API; each conversation is a fixed-size State.
+
+    POST /v1/chat/completions (streamed or not), /v1/completions, GET /v1/models, /health. A
+    conversation continues from the State of its last turn: each request processes only the text
+    it adds. See docs/SERVING.md.
+
+    \b
+    Example:
+      lmsleep serve runs/smol --sessions runs/smol-sessions --port 8000
+      # then, in Python: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    """
+    from lmsleep.server import make_server, serve_forever, stderr_log
+
+    server = make_server(model_dir, host=host, port=port, backend=backend, sessions_dir=sessions,
+                         max_sessions=max_sessions, max_disk_mb=max_disk_mb, parallel=parallel, queue=queue,
+                         max_tokens=max_tokens, passes=passes, dtype=dtype, model_id=model_id,
+                         log=None if quiet else stderr_log)
+    serve_forever(server, echo=click.echo)
 
 
 @cli.command(name="convert")
@@ -433,7 +480,8 @@ def retrofit(src, out, insert, insert_at, loop, window, eviction, passes, ssm_he
     b = load_backend(backend)
     report = run_retrofit(src, out, insert=insert, insert_at=insert_at, loop=loop, window=window, eviction=eviction,
                           passes=passes, ssm_heads=ssm_heads, ssm_head_dim=ssm_head_dim, init=init, dtype=dtype,
-                          backend=b.name, overwrite=force, revision=revision, progress=progress_echo)
+                          backend=b.name, overwrite=force, revision=revision,
+                          progress=progress_echo if sys.stderr.isatty() else None)  # errors stay one line
     click.echo(summary(report))
     model = b.load(out)  # the folder loads in the chosen backend
     click.echo(f"loaded in {b.name}: {len(model.config.layer_types)} blocks, tokenizer "

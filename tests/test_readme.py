@@ -64,3 +64,40 @@ def test_readme_retrofit_session_runs(tmp_path, monkeypatch, tiny_gguf):
         result = CliRunner().invoke(cli, args, input=stdin)
         assert result.exit_code == 0, f"{line}\n{result.output}"
     assert Path("runs/smol/chat_template.jinja").is_file()
+
+
+def test_readme_serve_session_runs(tmp_path, tiny_gguf):
+    """`lmsleep serve` in a subprocess (the README's command on a tiny retrofitted model, port 0), then
+    the README's openai snippet against it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("openai")
+    from convert.retrofit import retrofit
+
+    text = README.read_text()
+    command = re.search(r"<!-- serve-session.*?```bash\n(.*?)```", text, re.S).group(1).strip()
+    snippet = re.search(r"<!-- serve-session.*?```python\n(.*?)```", text, re.S).group(1)
+    model = tmp_path / "runs" / "smol"
+    retrofit(tiny_gguf[1], model, window=16, passes=2, insert=1)
+    args = [a.replace("8000", "0") for a in shlex.split(command)[2:]] + ["--backend", "torch", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmsleep.cli", "serve", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving smol at http://127.0.0.1:PORT ..."
+        url = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert url, line + proc.stderr.read()
+        client_code = snippet.replace("http://127.0.0.1:8000", url.group(0))
+        out = subprocess.run([sys.executable, "-c", client_code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip()  # the reply's text
+        assert (tmp_path / "runs" / "smol-sessions").is_dir()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
