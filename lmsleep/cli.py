@@ -767,6 +767,46 @@ def demo(out, steps, batch_size, seed, backend):
     run_demo(out, steps=steps, batch_size=batch_size, backend=backend, seed=seed)
 
 
+@cli.command(name="sleep-eval")
+@click.option("--task", help="Task name; default: the task recorded in the first --trained folder.")
+@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE", help="Task parameter (repeatable).")
+@click.option("--retrofit", "retrofit_dir", required=True, type=click.Path(file_okay=False),
+              help="The retrofitted folder before training (the lower bound: eviction, no memory).")
+@click.option("--trained", multiple=True, type=click.Path(file_okay=False),
+              help="A trained folder (repeatable; e.g. N=1 and N=2 runs' model/).")
+@click.option("--base", help="Upper bound: a model folder or retrofit source (GGUF, HF folder, Hub id, bundled "
+              "name) run with the whole context. Default: the --retrofit folder with its window widened.")
+@click.option("--passes", "passes", multiple=True, type=PASSES,
+              help="N at which every trained folder is evaluated (repeatable).  [default: 1 2 4]")
+@click.option("--n", "n", default=64, show_default=True, type=click.IntRange(1, MAX_EVAL_EXAMPLES), help="Examples.")
+@click.option("--seed", default=1, show_default=True, type=SEED, help="Sampling seed of the evaluation set.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), help="Every row as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Accuracy per difficulty as a PNG (needs matplotlib).")
+@backend_option
+@user_errors
+def sleep_eval_(task, task_args, retrofit_dir, trained, base, passes, n, seed, json_out, plot, backend):
+    """What sleep bought: per difficulty, the whole-context upper bound, the untrained retrofit (lower
+    bound) and each trained folder at every N, on the same examples.
+
+    \b
+    Example:
+      lmsleep sleep-eval --task recall --task-arg tokenizer_dir=runs/smol --task-arg window=64 \\
+          --retrofit runs/smol --trained runs/n1/model --trained runs/n2/model --passes 1 --passes 2 --json t.json
+    """
+    from lmsleep import sleepeval as se
+    from lmsleep import workflows as wf
+
+    t = wf.model_task(trained[0] if trained else retrofit_dir, task, parse_pairs(task_args))
+    rows = se.sleep_eval(backend, t, retrofit=retrofit_dir, trained=trained, base=base, passes=passes or (1, 2, 4),
+                         n=n, seed=seed, progress=lambda line: click.echo(line, err=True))
+    click.echo(se.format_table(rows))
+    if json_out:
+        wf.write_json(rows, json_out)
+    if plot:
+        written = se.plot(rows, plot, title=t.name)
+        click.echo(f"plot: {written}" if written else "plot skipped: matplotlib is not installed", err=True)
+
+
 def main():
     cli(prog_name="lmsleep")
 

@@ -1,0 +1,165 @@
+"""What sleep bought: one table of a task's scores per difficulty, with the bounds beside the trained models.
+
+Rows (one per model and evaluation N; columns are the task's metrics, e.g. recall's acc_k1, acc_k2, ...):
+
+- `whole context` (the upper bound): the base model with its attention window widened to the whole
+  sequence, so nothing is ever evicted (one window: no sleep either);
+- `evicted, untrained` (the lower bound): the retrofitted folder before any training, at its window:
+  its inserted SSM blocks write nothing yet (`ssm.o_proj` = 0), so evicted windows are simply lost;
+- `trained N=n`: each trained folder, at its window, evaluated at every N asked for (its own and the others).
+
+Every row at a folder's own window is `lmsleep.workflows.run_eval` itself, so its numbers equal
+`lmsleep eval FOLDER --passes N` on the same examples (the same seed and n).
+
+Why widening the window is exact: the window L enters a model in two places only, the schedule
+(`config.window`: where a window ends and its sleep falls due) and each attention block's sliding mask
+(`attn.window`). With L >= T the whole sequence is one window: no sleep and no eviction ever happens,
+and the mask is plain causal attention, which is what the source model computes on the whole
+sequence (positions count from the window start, i.e. from 0).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from common import checkpoint as ckpt
+from common import training as tr
+from lmsleep import workflows as wf
+from lmsleep.backends import load_backend
+
+WHOLE, EVICTED = "whole context", "evicted, untrained"
+_DIFFICULTY = re.compile(r"acc_([a-z]+)(\d+)")  # acc_k2, acc_op6, acc_facts3, acc_hops1
+
+
+def widen_window(model, window: int):
+    """The loaded `model` with attention window `window` (>= its own): config and every attention block."""
+    if window < model.config.window:
+        raise ValueError(f"window {window} is smaller than the model's ({model.config.window})")
+    model.config = model.config.replace(window=window)
+    for block in model.layers:
+        if block.kind == "A":
+            block.attn.window = window
+    return model
+
+
+def is_model_folder(path) -> bool:
+    """An lm-sleep model folder (config.json with format lm-sleep), as opposed to a retrofit source."""
+    config = Path(path) / ckpt.CONFIG_FILE
+    if not config.is_file():
+        return False
+    doc = ckpt.read_json_file(config, "unreadable config.json")
+    return isinstance(doc, dict) and doc.get("format") == ckpt.FORMAT
+
+
+def whole_context_row(backend: str, folder, task, *, n: int, seed: int) -> dict:
+    """The upper bound: `folder` evaluated with no eviction (window widened to the sequence length)."""
+    b = load_backend(backend)
+    model = b.load(folder)
+    if model.config.vocab_size != task.vocab_size:
+        raise ValueError(f"{folder}: vocab_size {model.config.vocab_size} != task {task.name!r} ({task.vocab_size})")
+    widen_window(model, max(task.seq_len, model.config.window))
+    scores = b.train.evaluate(model, task, n, seed, passes=1)
+    return {"model": WHOLE, "folder": str(folder), "eviction": "none", "window": model.config.window,
+            "trained_passes": None, "passes": 1, **scores}
+
+
+def folder_rows(backend: str, label: str, folder, task, passes_list, *, n: int, seed: int) -> list[dict]:
+    """run_eval's rows for one folder at its own window, labelled."""
+    rows = wf.run_eval(backend, folder, task, list(passes_list), n=n, seed=seed)
+    _, doc = ckpt.read_config(folder)
+    model = doc["model"]
+    return [{"model": label, "folder": str(folder), "eviction": model.get("eviction", "hard"),
+             "window": model["window"], **row} for row in rows]
+
+
+def sleep_eval(backend: str, task, *, retrofit, trained=(), base=None, passes=(1, 2, 4), n: int = 64,
+               seed: int = tr.EVAL_SEED, lower_passes=(1,), progress=None) -> list[dict]:
+    """All rows (see the module docstring). `base`: a model folder (evaluated widened) or a retrofit source
+    (a GGUF, HF folder, Hub id or bundled name: retrofitted with window = T into a temporary folder);
+    None = the `retrofit` folder itself, which equals its source on a window that holds the sequence.
+    `lower_passes`: N for the untrained retrofit (all N give the same numbers while `ssm.o_proj` = 0)."""
+    say = progress or (lambda message: None)
+    say(f"{WHOLE}: {base or retrofit}")
+    if base is None or is_model_folder(base):
+        rows = [whole_context_row(backend, base or retrofit, task, n=n, seed=seed)]
+    else:
+        from convert.retrofit import retrofit as build
+
+        with tempfile.TemporaryDirectory(prefix="lmsleep-base-") as tmp:
+            build(base, Path(tmp) / "base", window=task.seq_len, passes=1, backend="torch" if backend == "auto"
+                  else backend)
+            rows = [whole_context_row(backend, Path(tmp) / "base", task, n=n, seed=seed)]
+            rows[0]["folder"] = str(base)
+    say(f"{EVICTED}: {retrofit}")
+    rows += folder_rows(backend, EVICTED, retrofit, task, lower_passes, n=n, seed=seed)
+    for folder in trained:
+        _, doc = ckpt.read_config(folder)
+        label = f"trained N={doc['model'].get('sleep_passes', 1)}"
+        say(f"{label}: {folder}")
+        rows += folder_rows(backend, label, folder, task, passes, n=n, seed=seed)
+    return rows
+
+
+def difficulty_keys(rows: list[dict]) -> list[str]:
+    """The per-difficulty metrics of the first kind the task reports (recall: acc_k*, gsm: acc_op*),
+    in numeric order; [] for a task without them."""
+    keys = [k for k in rows[0] if _DIFFICULTY.fullmatch(k)]
+    if not keys:
+        return []
+    kind = _DIFFICULTY.fullmatch(keys[0]).group(1)
+    found = {int(m.group(2)): k for r in rows for k in r if (m := _DIFFICULTY.fullmatch(k)) and m.group(1) == kind}
+    return [found[d] for d in sorted(found)]
+
+
+def table_keys(rows: list[dict]) -> list[str]:
+    """Columns of the printed table: who, then the difficulties, then the summary metrics."""
+    head = ["model", "window", "trained_passes", "passes"]
+    per = difficulty_keys(rows)
+    rest = [k for k in ("acc", "exact", "per_answer", "chance", "nomem", "loss", "perplexity") if k in rows[0]]
+    return head + per + [k for k in rest if k not in per]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table (the terminal)."""
+    return wf.format_table([{k: r.get(k) for k in table_keys(rows)} for r in rows])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The same table in markdown (docs/RESULTS.md)."""
+    keys = table_keys(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join("-" if r.get(k) is None else _cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def plot(rows: list[dict], path, title: str = "") -> Path | None:
+    """Accuracy per difficulty, one line per row (the bounds dashed); None without matplotlib."""
+    from lmsleep import plots
+
+    plt = plots.pyplot()
+    if plt is None:
+        return None
+    per = difficulty_keys(rows)
+    metric = next(k for k in ("acc", "exact", "perplexity", "loss") if k in rows[0])
+    keys = per or [metric]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = list(range(len(keys)))
+    for r in rows:
+        bound = r["model"] in (WHOLE, EVICTED)
+        label = r["model"] if bound else f"{r['model']}, eval N={r['passes']}"
+        ax.plot(xs, [r.get(k, float("nan")) for k in keys], "--" if bound else "-", marker="o",
+                color={WHOLE: "k", EVICTED: "tab:gray"}.get(r["model"]), label=label)
+    ax.set_xticks(xs, [k.removeprefix("acc_") for k in keys])
+    ax.set(xlabel="difficulty" if per else "", ylabel=metric if not per else "accuracy", title=title)
+    plots.finish(ax, legend_size=7)
+    return plots.save(fig, path)
+
+
+__all__ = ["WHOLE", "EVICTED", "widen_window", "is_model_folder", "whole_context_row", "folder_rows", "sleep_eval",
+           "difficulty_keys", "table_keys", "format_table", "markdown_table", "plot"]
