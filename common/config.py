@@ -20,6 +20,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")  # rotary scaling, as transformers defines it
 SCAN_IMPLS = ("auto", "ref", "chunk", "kernel")
+FREEZE_MODES = ("none", "mlp", "base")  # what stays fixed when fine-tuning a model folder (docs/TRAINING.md)
 
 # Limits on every size and count of a ModelConfig (docs/FORMAT.md "Limits"): generous for any model this
 # project can run, but finite, so a config.json read from disk can never ask for 10^9 layers or passes.
@@ -288,6 +289,7 @@ class TrainConfig(_Config):
     checkpoint_windows: bool = False  # recompute each window in backward (activation checkpointing)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (states stay float32)
     scan_impl: str = "auto"  # ssm_scan impl used for training
+    freeze: str = "none"  # fine-tuning (train(init=...)): "none" | "mlp" | "base" (only inserted SSM blocks learn)
 
     @classmethod
     def _presets(cls):
@@ -310,6 +312,7 @@ class TrainConfig(_Config):
         _check(self.schedule in SCHEDULES, c, "schedule", self.schedule, f"must be one of {SCHEDULES}")
         _check(self.dtype in DTYPES, c, "dtype", self.dtype, f"must be one of {DTYPES}")
         _check(self.scan_impl in SCAN_IMPLS, c, "scan_impl", self.scan_impl, f"must be one of {SCAN_IMPLS}")
+        _check(self.freeze in FREEZE_MODES, c, "freeze", self.freeze, f"must be one of {FREEZE_MODES}")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
 
 
@@ -339,6 +342,13 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
                                  steps=1000, eval_interval=100, eval_samples=512),
     "paper-rule110": TrainConfig(muon_lr=2e-3, adamw_lr=5e-5, batch_size=512, steps=10000),
     "paper-depo": TrainConfig(muon_lr=2e-3, adamw_lr=5e-5, batch_size=128, steps=10000),
+    # Fine-tuning a retrofitted folder (`lmsleep train --init DIR`; PAPER.md: Muon 1e-3 + AdamW 5e-5): only the
+    # inserted SSM blocks learn, each window is recomputed in backward (a pretrained model's activations over
+    # several windows and N passes do not fit otherwise), a small batch accumulated from micro-batches of 2,
+    # bf16 compute (autocast on CUDA; float32 masters and optimizer state).
+    "retrofit": TrainConfig(muon_lr=1e-3, adamw_lr=5e-5, warmup_steps=20, batch_size=8, grad_accum=4, steps=500,
+                            grad_clip=1.0, eval_interval=100, eval_samples=64, save_interval=100, log_interval=1,
+                            checkpoint_windows=True, dtype="bfloat16", freeze="base"),
 }
 
 
@@ -369,5 +379,5 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
     return model, train
 
 
-__all__ = ["ModelConfig", "TrainConfig", "LIMITS", "MAX_SLEEP_PASSES", "PRESETS", "TRAIN_PRESETS", "parse_override",
+__all__ = ["ModelConfig", "TrainConfig", "FREEZE_MODES", "LIMITS", "MAX_SLEEP_PASSES", "PRESETS", "TRAIN_PRESETS", "parse_override",
            "split_overrides"]

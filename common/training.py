@@ -20,10 +20,13 @@ rest, once, so that a run means the same thing on either backend:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import math
 import os
 import re
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common.checkpoint import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, CheckpointError, atomic_file, atomic_folder,
-                               config_document, param_shapes, read_json_file, recover_folder, write_json)
+                               config_document, param_shapes, read_config, read_json_file, recover_folder,
+                               weight_files, write_companions, write_json)
 from common.config import PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, parse_override, split_overrides
 from common.tasks.base import Batch
 
@@ -63,9 +67,10 @@ def is_muon_param(name: str) -> bool:
     return _MUON.fullmatch(name) is not None
 
 
-def optimizer_params(config: ModelConfig) -> dict[str, list[str]]:
-    """{"muon": names, "adamw": names}: the parameters each optimizer trains, in canonical order."""
-    names = list(param_shapes(config))
+def optimizer_params(config: ModelConfig, trainable=None) -> dict[str, list[str]]:
+    """{"muon": names, "adamw": names}: the parameters each optimizer trains, in canonical order
+    (`trainable`: the names that train when some are frozen, see `trainable_names`; None = all)."""
+    names = [n for n in param_shapes(config) if trainable is None or n in set(trainable)]
     return {"muon": [n for n in names if is_muon_param(n)], "adamw": [n for n in names if not is_muon_param(n)]}
 
 
@@ -90,19 +95,22 @@ def split_optimizer_tensor_name(name: str) -> tuple[str, str, str]:
     return optimizer, param, key
 
 
-def optimizer_document(config: ModelConfig, steps: dict[str, int]) -> dict:
-    """optimizer.json: {"muon" | "adamw": {"step": steps taken, "params": [canonical names]}}."""
-    params = optimizer_params(config)
+def optimizer_document(config: ModelConfig, steps: dict[str, int], trainable=None) -> dict:
+    """optimizer.json: {"muon" | "adamw": {"step": steps taken, "params": [canonical names]}}
+    (frozen parameters have no optimizer state and are not listed)."""
+    params = optimizer_params(config, trainable)
     return {name: {"step": int(steps[name]), "params": params[name]} for name in OPTIMIZER_STATE}
 
 
-def check_optimizer_state(config: ModelConfig, shapes: dict[str, tuple[int, ...]], doc, where) -> None:
+def check_optimizer_state(config: ModelConfig, shapes: dict[str, tuple[int, ...]], doc, where,
+                          trainable=None) -> None:
     """Refuse optimizer state that does not fit `config` (CheckpointError naming the tensor).
 
-    shapes: optimizer tensor name -> shape (from optimizer.safetensors); doc: optimizer.json.
-    Every parameter has all its tensors once its optimizer has stepped, none before.
+    shapes: optimizer tensor name -> shape (from optimizer.safetensors); doc: optimizer.json;
+    trainable: the parameters that train (None = all). Every trained parameter has all its tensors
+    once its optimizer has stepped, none before; a frozen one has none.
     """
-    params, expected = optimizer_params(config), param_shapes(config)
+    params, expected = optimizer_params(config, trainable), param_shapes(config)
     if not isinstance(doc, dict):
         raise CheckpointError(f"{where}: optimizer.json is not a JSON object")
     for opt, keys in OPTIMIZER_STATE.items():
@@ -125,6 +133,153 @@ def check_optimizer_state(config: ModelConfig, shapes: dict[str, tuple[int, ...]
         if tuple(shape) != expected[param]:
             raise CheckpointError(f"{where}: optimizer tensor {name} has shape {list(shape)}, "
                                   f"the parameter's is {list(expected[param])}")
+
+
+# --- fine-tuning a model folder (train(init=DIR), `lmsleep train --init DIR`) ---------------------------
+# The model's config, weights, tokenizer and chat template come from a model folder. TrainConfig.freeze
+# picks what stays fixed: "base" = everything but the blocks a retrofit inserted (config.json's
+# `retrofit` record, "inserted"), "mlp" = the MLP projections, "none" = nothing. Frozen parameters get
+# no optimizer state and are not rewritten in checkpoints: the checkpoint's model.safetensors then
+# holds the trained tensors only, and its config.json a "base" block naming the init folder and the
+# sha256 of its weight files, from which resume and convert reassemble the model (docs/FORMAT.md).
+BASE_KEY = "base"  # config.json of a checkpoint whose frozen weights live in the init folder
+_MLP_WEIGHT = re.compile(r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight")
+
+
+def trainable_names(config: ModelConfig, freeze: str, inserted=()) -> list[str] | None:
+    """Canonical names of the parameters that train under TrainConfig.freeze (None: all of them).
+    "base": every parameter of the blocks in `inserted` (a retrofit's SSM blocks: mixer and norm1);
+    "mlp": all but the MLP projections (norm2 keeps training: a few numbers per block)."""
+    names = list(param_shapes(config))
+    if freeze == "none":
+        return None
+    if freeze == "mlp":
+        return [n for n in names if not _MLP_WEIGHT.fullmatch(n)]
+    prefixes = tuple(f"layers.{i}." for i in inserted)
+    return [n for n in names if n.startswith(prefixes)]
+
+
+def weights_sha256(folder) -> str:
+    """sha256 of a model folder's weight files, in file-name order (the identity of a frozen base)."""
+    h = hashlib.sha256()
+    for f in weight_files(folder):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class FineTune:
+    """What train(init=DIR) starts from: the folder, its config.json, what trains and the base reference."""
+
+    folder: Path
+    config: ModelConfig  # the folder's model config
+    doc: dict  # the folder's whole config.json (tokenizer block, retrofit record)
+    trainable: list[str] | None  # canonical names that train; None = all
+    base: dict | None  # {"path", "sha256", "freeze"}: the checkpoints' reference to the frozen weights
+
+    @property
+    def retrofit(self) -> dict | None:
+        return self.doc.get("retrofit")
+
+
+def fine_tune(init, tc: TrainConfig) -> FineTune | None:
+    """The fine-tuning plan of train(init=...) (None without init); ValueError for a freeze that cannot
+    apply: any freeze without a folder, "base" on a folder that is not a retrofit."""
+    if init is None:
+        if tc.freeze != "none":
+            raise ValueError(f"TrainConfig.freeze={tc.freeze!r} freezes the weights of a model folder: "
+                             "give one to fine-tune (init=DIR, --init DIR)")
+        return None
+    config, doc = read_config(init)
+    record = doc.get("retrofit")
+    inserted = record.get("inserted") if isinstance(record, dict) else None
+    if tc.freeze == "base":
+        if not inserted:
+            raise ValueError(f"--freeze base trains only the SSM blocks a retrofit inserted, and {init} is not a "
+                             "retrofit (no retrofit record in its config.json); use --freeze none or mlp")
+        bad = [i for i in inserted if not (isinstance(i, int) and 0 <= i < config.n_layers
+                                           and config.layer_types[i] == "S")]
+        if bad:
+            raise ValueError(f"{Path(init) / CONFIG_FILE}: retrofit.inserted names {bad[0]!r}, not an SSM block")
+    trainable = trainable_names(config, tc.freeze, inserted or ())
+    base = None
+    if trainable is not None:
+        base = {"path": str(Path(init).resolve()), "sha256": weights_sha256(init), "freeze": tc.freeze}
+    return FineTune(Path(init), config, doc, trainable, base)
+
+
+def check_init_config(ft: FineTune, mc: ModelConfig) -> None:
+    """The ModelConfig trained from `ft` may change runtime fields (window, sleep_passes, eviction...),
+    never a weight's shape (ValueError naming the fields)."""
+    if param_shapes(mc) != param_shapes(ft.config):
+        diff = [k for k, v in ft.config.to_dict().items() if mc.to_dict()[k] != v]
+        raise ValueError(f"the model config changes the weights of {ft.folder} (fields {diff}); "
+                         "only fields such as window, eviction and sleep_passes may differ from the folder's")
+
+
+def check_checkpoint_weights(folder, config: ModelConfig, shapes: dict, trainable) -> None:
+    """Refuse a checkpoint's weights that are not exactly the trained tensors (all of them when nothing
+    is frozen) with their shapes (CheckpointError naming the tensor)."""
+    expected = param_shapes(config)
+    want = list(expected) if trainable is None else list(trainable)
+    missing, extra = [n for n in want if n not in shapes], sorted(set(shapes) - set(want))
+    where = Path(folder) / WEIGHTS_FILE
+    if missing or extra:
+        raise CheckpointError(f"{where}: " + (f"missing tensor {missing[0]}" if missing else f"unexpected tensor {extra[0]}")
+                              + f" ({len(missing)} missing, {len(extra)} unexpected for "
+                              + ("the trained parameters)" if trainable is not None else "this model)"))
+    for n in want:
+        if tuple(shapes[n]) != expected[n]:
+            raise CheckpointError(f"{where}: {n} has shape {list(shapes[n])}, the model's is {list(expected[n])}")
+
+
+def check_base(ckpt_dir, state: dict, ft: FineTune | None, tc: TrainConfig) -> None:
+    """Refuse to resume a checkpoint whose frozen weights are not this run's: another freeze, no init
+    folder, or an init folder whose weights differ from the base the checkpoint was trained from."""
+    doc = read_json_file(Path(ckpt_dir) / CONFIG_FILE, "config.json of the training checkpoint")
+    saved = doc.get(BASE_KEY) if isinstance(doc, dict) else None
+    was = state["train"].get("freeze", "none")
+    if was != tc.freeze:
+        raise ValueError(f"cannot resume with freeze={tc.freeze!r}: {ckpt_dir} was trained with freeze={was!r} "
+                         "(its optimizer state covers other parameters)")
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or not isinstance(saved.get("sha256"), str):
+        raise CheckpointError(f"{Path(ckpt_dir) / CONFIG_FILE}: base must be {{\"path\": ..., \"sha256\": ...}}")
+    if ft is None or ft.base is None:
+        raise ValueError(f"cannot resume: {ckpt_dir} holds only the trained tensors; its frozen weights are "
+                         f"those of {saved.get('path')} (pass init=that folder, --init)")
+    if saved["sha256"] != ft.base["sha256"]:
+        raise ValueError(f"cannot resume: {ckpt_dir} was trained from another base ({saved.get('path')}, weights "
+                         f"sha256 {saved['sha256'][:12]}...) than {ft.folder} (sha256 {ft.base['sha256'][:12]}...)")
+
+
+def checkpoint_extra(ft: FineTune | None) -> dict:
+    """config.json fields a run's checkpoint/ and model/ keep from the init folder: the retrofit record
+    (so that model/ can be fine-tuned again with --freeze base); checkpoint/ adds "base" itself."""
+    return {"retrofit": ft.retrofit} if ft is not None and ft.retrofit is not None else {}
+
+
+def task_defaults(task_name: str, task_params: dict, init_config: ModelConfig, init) -> dict:
+    """A natural-text task (one with a tokenizer_dir parameter) fine-tuning a folder reads the folder's
+    tokenizer and the model's window unless the user gave them."""
+    from common.tasks import TASKS
+
+    accepted = inspect.signature(TASKS[task_name]).parameters if task_name in TASKS else {}
+    params = dict(task_params)
+    if "tokenizer_dir" in accepted:
+        if "tokenizer_dir" not in params and params.get("tokenizer") is None:
+            params["tokenizer_dir"] = str(init)
+        params.setdefault("window", init_config.window)
+    return params
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 # --- learning-rate schedule -------------------------------------------------------------------------
@@ -230,23 +385,43 @@ def resolve_model_config(task, base_config: ModelConfig | str, overrides: dict |
     return base.replace(**{**{name: getattr(task, name) for name in TASK_FIELDS}, **overrides})
 
 
-def build_run(task_name: str, task_params: dict, preset: str, overrides: dict, *, passes=None, grad_accum=None,
-              steps=None, data=None):
-    """(task, ModelConfig, TrainConfig) from a preset, flat key=value overrides and the task itself."""
+def build_run(task_name: str, task_params: dict, preset: str | None, overrides: dict, *, passes=None,
+              grad_accum=None, steps=None, data=None, init=None, freeze=None):
+    """(task, ModelConfig, TrainConfig) from a preset, flat key=value overrides and the task itself.
+
+    init: a model folder to fine-tune; its config is the model's (overrides may change runtime fields
+    such as window or sleep_passes), a natural-text task defaults to its tokenizer and window, and the
+    preset (default "retrofit") is a train preset only; freeze: TrainConfig.freeze (default: the
+    preset's, "none" for a folder that is not a retrofit)."""
     from common.tasks import make  # here, not at the top: tasks do not need the trainer's helpers
 
     if data is not None:
         task_params = {**task_params, "path": str(data)}
-    task = make(task_name, **task_params)
     model_over, train_over = split_overrides(overrides)
     if passes is not None:
         model_over["sleep_passes"] = passes
-    for key, value in (("grad_accum", grad_accum), ("steps", steps)):
+    for key, value in (("grad_accum", grad_accum), ("steps", steps), ("freeze", freeze)):
         if value is not None:
             train_over[key] = value
-    mc = resolve_model_config(task, preset, model_over)
-    tc = TRAIN_PRESETS.get(preset, TrainConfig()).replace(**train_over)
-    return task, mc, tc
+    if init is None:
+        preset = preset or "debug"
+        if preset not in PRESETS and preset in TRAIN_PRESETS:
+            raise ValueError(f"preset {preset!r} fine-tunes a model folder: pass --init DIR (init=DIR)")
+        task = make(task_name, **task_params)
+        mc = resolve_model_config(task, preset, model_over)
+        return task, mc, TRAIN_PRESETS.get(preset, TrainConfig()).replace(**train_over)
+    init_config, doc = read_config(init)
+    preset = preset or "retrofit"
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown train preset {preset!r}; known: {', '.join(sorted(TRAIN_PRESETS))}")
+    if "freeze" not in train_over and not doc.get("retrofit"):
+        train_over["freeze"] = "none"  # nothing was inserted: the default trains everything
+    if "window" in model_over:
+        task_params = {**task_params, "window": task_params.get("window", model_over["window"])}
+    task = make(task_name, **task_defaults(task_name, task_params, init_config, init))
+    mc = init_config.replace(**{"window": task.window, **model_over})
+    check_task_config(task, mc)
+    return task, mc, TRAIN_PRESETS[preset].replace(**train_over)
 
 
 def train_arg_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -255,7 +430,10 @@ def train_arg_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task name: rule110, depo, gsm, text")
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="task parameter, e.g. --task-arg steps=0 (repeatable)")
-    p.add_argument("--preset", default="debug", help=f"model + train preset: {', '.join(PRESETS)}")
+    p.add_argument("--preset", help=f"model + train preset: {', '.join(PRESETS)} (default debug; with --init: "
+                   f"a train preset, default retrofit)")
+    p.add_argument("--init", help="model folder to fine-tune (its config, weights and tokenizer)")
+    p.add_argument("--freeze", choices=("none", "mlp", "base"), help="TrainConfig.freeze (with --init)")
     p.add_argument("--out", required=True, help="output folder (metrics.jsonl, checkpoint/, model/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="ModelConfig or TrainConfig field, e.g. --set batch_size=32 (repeatable)")
@@ -269,7 +447,7 @@ def train_arg_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace):
     """(task, ModelConfig, TrainConfig) from train_arg_parser's parsed flags."""
     return build_run(args.task, dict(parse_override(s) for s in args.task_arg), args.preset,
-                     dict(parse_override(s) for s in args.set), steps=args.steps)
+                     dict(parse_override(s) for s in args.set), steps=args.steps, init=args.init, freeze=args.freeze)
 
 
 def main(train: Callable, prog: str, doc: str, argv=None, *, devices: tuple[str, ...] | None = None) -> int:
@@ -282,7 +460,7 @@ def main(train: Callable, prog: str, doc: str, argv=None, *, devices: tuple[str,
     try:
         task, mc, tc = run_from_args(args)
         summary = train(task, mc, tc, args.out, resume=args.resume, progress=not args.no_progress,
-                        max_steps=args.max_steps, **({"device": args.device} if devices else {}))
+                        max_steps=args.max_steps, init=args.init, **({"device": args.device} if devices else {}))
     except (ValueError, OSError, TrainingError) as e:  # one line (from rank 0), exit 2, as the click CLI
         if int(os.environ.get("RANK", "0")) == 0:
             message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
@@ -401,17 +579,21 @@ def read_trainer_state(folder: str | os.PathLike, backend: str | None) -> dict:
 
 
 def write_checkpoint(folder, backend: str, config: ModelConfig, tokenizer: dict | None, state: dict, weights: dict,
-                     opt_tensors: dict, opt_doc: dict, save_tensors: Callable) -> None:
-    """Write a training checkpoint folder atomically: config.json + model.safetensors (a model folder),
-    optimizer.safetensors, optimizer.json and trainer_state.json. Never pickle.
-    save_tensors(path, {name: array}, metadata) is the backend's safetensors writer."""
+                     opt_tensors: dict, opt_doc: dict, save_tensors: Callable, *, files: dict | None = None,
+                     extra: dict | None = None) -> None:
+    """Write a training checkpoint folder atomically: config.json + model.safetensors (a model folder,
+    or only the trained tensors when extra holds a "base" reference), optimizer.safetensors,
+    optimizer.json, trainer_state.json and `files` (companions: tokenizer.json, chat template). Never pickle.
+    save_tensors(path, {name: array}, metadata) is the backend's safetensors writer; extra: more
+    config.json fields (retrofit record, base)."""
     meta = {"format": FORMAT, "backend": backend}
     with atomic_folder(folder, overwrite=True) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, weights, meta)
-        write_json(tmp / CONFIG_FILE, config_document(config, tokenizer))
+        write_json(tmp / CONFIG_FILE, config_document(config, tokenizer, **(extra or {})))
         save_tensors(tmp / OPTIMIZER_FILE, opt_tensors, meta)
         write_json(tmp / OPTIMIZER_JSON, opt_doc)
         write_trainer_state(tmp, state)
+        write_companions(tmp, files or {})
 
 
 def read_checkpoint(folder, backend: str) -> tuple[dict, dict]:
@@ -441,8 +623,8 @@ def check_resume(doc: dict, model_config: ModelConfig, task) -> None:
 def changed_train_fields(doc: dict, tc: TrainConfig) -> list[str]:
     """TrainConfig fields that differ from the checkpoint's (allowed on resume, e.g. more steps,
     but then the run is no longer the uninterrupted one)."""
-    saved = doc["train"]
-    return [k for k, v in tc.to_dict().items() if saved.get(k) != v]
+    saved, defaults = doc["train"], TrainConfig().to_dict()  # a field added since: its default then
+    return [k for k, v in tc.to_dict().items() if saved.get(k, defaults[k]) != v]
 
 
 # --- a run -------------------------------------------------------------------------------------------
@@ -464,11 +646,21 @@ def check_finite(what: str, value: float, step: int) -> None:
         raise TrainingError(f"{what} is {value} at step {step + 1}")
 
 
-def prepare_run(task, model_config: ModelConfig | str, tc: TrainConfig, out_dir, *, resume: bool,
-                model=None) -> ModelConfig:
-    """The checks of train() before anything is built; returns the ModelConfig to train."""
+def prepare_run(task, model_config: ModelConfig | str | None, tc: TrainConfig, out_dir, *, resume: bool,
+                model=None, init=None) -> tuple[ModelConfig, FineTune | None]:
+    """The checks of train() before anything is built -> (the ModelConfig to train, the fine-tuning
+    plan of `init` or None). model_config None: the init folder's (with the task's window)."""
+    if model is not None and init is not None:
+        raise ValueError("train(): give model= or init=, not both")
+    ft = fine_tune(init, tc)
+    if model_config is None:
+        if ft is None:
+            raise ValueError("train(): model_config is needed unless init= names a model folder")
+        model_config = ft.config.replace(window=task.window)
     mc = resolve_model_config(task, model_config, {}) if isinstance(model_config, str) else model_config
     check_task_config(task, mc)
+    if ft is not None:
+        check_init_config(ft, mc)
     if model is not None and model.config != mc:
         raise ValueError("train(model=...): model.config differs from model_config")
     if tc.dtype == "float16":
@@ -480,10 +672,11 @@ def prepare_run(task, model_config: ModelConfig | str, tc: TrainConfig, out_dir,
     if not resume and ckpt_dir.exists():
         raise ValueError(f"{ckpt_dir} already exists; pass resume=True (--resume) to continue it "
                          "or choose another output folder")
-    return mc
+    return mc, ft
 
 
-def resume_state(out_dir, backend: str, mc: ModelConfig, task, tc: TrainConfig, *, announce: bool = True) -> dict:
+def resume_state(out_dir, backend: str, mc: ModelConfig, task, tc: TrainConfig, *, announce: bool = True,
+                 ft: FineTune | None = None) -> dict:
     """trainer_state.json of out_dir/checkpoint, checked against this run; prints the resume line.
 
     A checkpoint converted from the other backend (convert/, "converted_from") resumes exactly but
@@ -493,6 +686,7 @@ def resume_state(out_dir, backend: str, mc: ModelConfig, task, tc: TrainConfig, 
     ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
     state = read_trainer_state(ckpt_dir, backend)
     check_resume(state, mc, task)
+    check_base(ckpt_dir, state, ft, tc)
     changed = changed_train_fields(state, tc)
     if announce:
         if changed:
@@ -510,14 +704,17 @@ def resume_state(out_dir, backend: str, mc: ModelConfig, task, tc: TrainConfig, 
 def run_loop(task, mc: ModelConfig, tc: TrainConfig, out_dir, *, backend: str,
              step: Callable[[int, Batch, int], StepResult], evaluate: Callable[[], dict],
              save_checkpoint: Callable, save_model: Callable, rng: Callable[[], dict], start: dict | None = None,
-             rank: int = 0, world: int = 1, progress: bool = True, max_steps: int | None = None) -> dict:
+             rank: int = 0, world: int = 1, progress: bool = True, max_steps: int | None = None,
+             tokenizer: dict | None = None, memory: Callable[[], int] = peak_rss_bytes) -> dict:
     """Algorithm 1's outer loop, the same for both backends; the backend brings the framework parts.
 
     step(s, batch, global_count): one optimizer step on this rank's rows of step s's batch (train_step);
     evaluate(): the eval scores; save_checkpoint(folder, trainer_state, tokenizer=) and
     save_model(folder, tokenizer=, task=): the backend's writers; rng(): generator states;
-    start: trainer_state.json to resume from (model and optimizers already loaded).
-    Files are written by rank 0 only. Returns the summary that train() returns.
+    start: trainer_state.json to resume from (model and optimizers already loaded); tokenizer: the
+    tokenizer block of the run's folders (default: the task's); memory(): peak memory in bytes so far
+    (logged as peak_mem_mib with tokens_per_s). Files are written by rank 0 only. Returns the summary
+    that train() returns.
     """
     out_dir = Path(out_dir)
     ckpt_dir, model_dir = out_dir / CHECKPOINT_DIR, out_dir / MODEL_DIR
@@ -528,7 +725,7 @@ def run_loop(task, mc: ModelConfig, tc: TrainConfig, out_dir, *, backend: str,
     if start is not None:
         s, elapsed_before = start["step"], start["elapsed"]
         loss, last_eval = start["metrics"].get("loss", loss), start["metrics"].get("eval", {})
-    lead, tokenizer = rank == 0, task.tokenizer.to_dict()
+    lead, tokenizer = rank == 0, tokenizer if tokenizer is not None else task.tokenizer.to_dict()
     log = MetricsLog(out_dir / METRICS_FILE, s if start is not None else None) if lead else None
     start_step, t_start = s, time.perf_counter()
     t_log, tokens_since_log = t_start, 0
@@ -542,7 +739,9 @@ def run_loop(task, mc: ModelConfig, tc: TrainConfig, out_dir, *, backend: str,
             s, loss = s + 1, result.loss
             tokens_since_log += batch.tokens.size * world
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}",
+                            tok_s=f"{batch.tokens.size * world / max(result.fwd_bwd_s + result.optimizer_s, 1e-9):.0f}",
+                            mem=f"{memory() / 2**20:.0f}MiB")
             if not lead:
                 continue
             evaluate_now = bool(tc.eval_interval) and (s % tc.eval_interval == 0 or s == end)
@@ -553,7 +752,7 @@ def run_loop(task, mc: ModelConfig, tc: TrainConfig, out_dir, *, backend: str,
                 record = {"step": s, "loss": loss, "lr": tc.muon_lr * result.lr_factor,
                           "lr_adamw": tc.adamw_lr * result.lr_factor, "grad_norm": result.grad_norm,
                           "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
-                          "elapsed": elapsed_before + now - t_start}
+                          "peak_mem_mib": memory() / 2**20, "elapsed": elapsed_before + now - t_start}
                 if evaluate_now:
                     record.update({f"eval_{k}": v for k, v in last_eval.items()})
                 log.write(record)
@@ -567,7 +766,7 @@ def run_loop(task, mc: ModelConfig, tc: TrainConfig, out_dir, *, backend: str,
     wall = time.perf_counter() - t_start
     done_tokens = (s - start_step) * tc.batch_size * (task.seq_len or 0)
     return {"step": s, "loss": loss, "eval": last_eval, "tokens_per_s": done_tokens / max(wall, 1e-9),
-            "wall_time": wall, "elapsed": elapsed_before + wall, "out_dir": str(out_dir),
+            "peak_mem_mib": memory() / 2**20, "wall_time": wall, "elapsed": elapsed_before + wall, "out_dir": str(out_dir),
             "checkpoint": str(ckpt_dir), "model": str(model_dir)}
 
 
@@ -579,4 +778,6 @@ __all__ = ["CHECKPOINT_DIR", "MODEL_DIR", "METRICS_FILE", "TRAINER_STATE_FILE", 
            "read_metrics",
            "trainer_state", "write_trainer_state", "read_trainer_state", "check_resume", "changed_train_fields",
            "check_finite", "prepare_run", "resume_state", "run_loop", "scheduled_lrs", "evaluate_batches", "main",
-           "write_checkpoint", "read_checkpoint"]
+           "write_checkpoint", "read_checkpoint", "BASE_KEY", "FineTune", "fine_tune", "trainable_names",
+           "weights_sha256", "check_init_config", "check_checkpoint_weights", "check_base", "checkpoint_extra",
+           "task_defaults", "peak_rss_bytes"]

@@ -11,7 +11,10 @@ optimizer tensors are copied byte for byte, optimizer.json unchanged, and traine
 target backend, "converted_from" and an empty RNG state (torch's and MLX's generators cannot take each
 other's state). With a dtype cast, or from bare weights (any safetensors file/folder with a
 config.json), the result is a clean model folder: optimizer state dropped, `module.` (DDP) and
-`_orig_mod.` (torch.compile) name prefixes stripped.
+`_orig_mod.` (torch.compile) name prefixes stripped. A checkpoint of frozen-base fine-tuning (config.json
+"base": the init folder and the sha256 of its weights) holds only the trained tensors: it converts as it is
+(still resumable, still referring to its base), and into a clean model folder with the frozen tensors read
+back from the base folder (refused when that folder's weights no longer match the sha256).
 
     convert_model("runs/r110/model", "runs/r110/model-mlx-q4", to="mlx", quantize_bits=4)
     convert_training_checkpoint("runs/r110/checkpoint", "runs/r110-mlx/checkpoint", to="mlx")  # resumable
@@ -106,17 +109,26 @@ def convert_training_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, 
                 raise ckpt.CheckpointError(f"{f}: tensor {name!r} has dtype {t.dtype}, expected a float dtype")
             tensors[clean], origin[clean] = t, (name, f)
     missing = [n for n in expected if n not in tensors]
+    base, trained = extra.get(tr.BASE_KEY), None
+    if missing and base is not None:
+        if resumable:  # stays a frozen-base checkpoint: the trained tensors and the base reference
+            trained, expected = [n for n in expected if n in tensors], {n: expected[n] for n in expected if n in tensors}
+        else:  # a clean model folder: the whole model
+            tag = DTYPE_TAGS[dtype] if dtype else tensors[next(iter(tensors))].dtype
+            tensors.update({n: cast(t, tag) for n, t in _base_tensors(base, config, missing).items()})
+            extra = {k: v for k, v in extra.items() if k != tr.BASE_KEY}
+        missing = []
     if missing:
         raise ckpt.CheckpointError(f"{src}: missing tensor {missing[0]}"
                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     tensors = {n: cast(tensors[n], DTYPE_TAGS[dtype]) if dtype else tensors[n] for n in expected}
     doc = ckpt.config_document(config, **extra)
     meta = {"format": ckpt.FORMAT, "backend": to}
-    trainer = _trainer_files(src, config, to) if resumable else None
+    trainer = _trainer_files(src, config, to, trained) if resumable else None
     extra_files = (lambda tmp: _write_trainer_files(tmp, *trainer, meta)) if trainer else None
     companions = ckpt.read_companions(src if src.is_dir() else src.parent, doc)
     _write_folder(dst, tensors, dict.fromkeys(tensors, ckpt.WEIGHTS_FILE), doc, meta, overwrite, extra_files,
-                  companions)
+                  companions, check=trained is None)
     report = _report("training checkpoint", src, dst, to, tensors, None)
     if trainer:
         report.update(resumable=True, step=trainer[2]["step"], converted_from=trainer[2].get("converted_from"),
@@ -207,7 +219,8 @@ def _read_folder(folder, where: dict[str, Path], config: ModelConfig, quant: dic
 
 
 def _write_folder(dst, tensors: dict[str, Raw], file_of: dict[str, str], doc: dict, meta: dict,
-                  overwrite: bool, extra_files=None, companions: dict[str, str] | None = None) -> None:
+                  overwrite: bool, extra_files=None, companions: dict[str, str] | None = None,
+                  check: bool = True) -> None:
     """Atomically write config.json + the weight files (+ index when sharded), the companion files
     (tokenizer.json, chat template) and whatever extra_files(tmp) writes; validated before it appears."""
     files = list(dict.fromkeys(file_of[n] for n in tensors))
@@ -222,10 +235,28 @@ def _write_folder(dst, tensors: dict[str, Raw], file_of: dict[str, str], doc: di
         ckpt.write_companions(tmp, companions or {})
         if extra_files:
             extra_files(tmp)
-        ckpt.validate_folder(tmp)
+        if check:  # not for a frozen-base checkpoint: its weights are the trained tensors only
+            ckpt.validate_folder(tmp)
 
 
-def _trainer_files(src: Path, config: ModelConfig, to: str) -> tuple[dict[str, Raw], dict, dict]:
+def _base_tensors(base: dict, config: ModelConfig, names: list[str]) -> dict[str, Raw]:
+    """The frozen tensors `names` of a frozen-base checkpoint, from its base folder (checked by sha256)."""
+    path = Path(str(base.get("path")))
+    if not isinstance(base.get("sha256"), str) or tr.weights_sha256(path) != base["sha256"]:
+        raise ckpt.CheckpointError(f"{path}: the base folder's weights are not those the checkpoint was trained "
+                                   "from (sha256 differs); cannot reassemble the model")
+    base_config, _, where = ckpt.validate_folder(path)
+    if ckpt.param_shapes(base_config) != ckpt.param_shapes(config):
+        raise ckpt.CheckpointError(f"{path}: the base folder's weights have other shapes than the checkpoint's model")
+    out = {}
+    for f in sorted({where[n] for n in names}):
+        raw, _ = read_raw(f)
+        out.update({n: raw[n] for n in names if n in raw})
+    return out
+
+
+def _trainer_files(src: Path, config: ModelConfig, to: str, trained: list[str] | None = None
+                   ) -> tuple[dict[str, Raw], dict, dict]:
     """(optimizer tensors, optimizer.json, trainer_state.json for `to`) of a trainer checkpoint, checked
     against the model config; the RNG state is dropped when the backend changes (not portable)."""
     state = tr.read_trainer_state(src, None)
@@ -234,7 +265,8 @@ def _trainer_files(src: Path, config: ModelConfig, to: str) -> tuple[dict[str, R
             raise ckpt.CheckpointError(f"{src / f}: missing (incomplete training checkpoint)")
     opt_tensors, _ = read_raw(src / tr.OPTIMIZER_FILE)
     opt_doc = _read_json(src / tr.OPTIMIZER_JSON)
-    tr.check_optimizer_state(config, {n: t.shape for n, t in opt_tensors.items()}, opt_doc, src / tr.OPTIMIZER_FILE)
+    tr.check_optimizer_state(config, {n: t.shape for n, t in opt_tensors.items()}, opt_doc, src / tr.OPTIMIZER_FILE,
+                             trained)
     odd = [n for n, t in opt_tensors.items() if t.dtype not in FLOAT_TAGS]
     if odd:
         raise ckpt.CheckpointError(f"{src / tr.OPTIMIZER_FILE}: tensor {odd[0]!r} has dtype "
@@ -271,6 +303,7 @@ def _training_config(src: Path) -> tuple[ModelConfig, dict]:
     except ValueError as e:
         raise ckpt.CheckpointError(f"{path}: bad model config: {e}") from None
     extra = {"tokenizer": doc.get("tokenizer")} if doc.get("tokenizer") else {}
+    extra.update({k: doc[k] for k in ("retrofit", tr.BASE_KEY) if doc.get(k) is not None})
     task = doc.get("task") or state.get("task")
     if task:
         extra["task"] = task

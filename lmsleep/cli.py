@@ -167,8 +167,14 @@ def parse_pairs(pairs) -> dict:
 
 
 @cli.command()
-@click.option("--task", required=True, help="rule110 | depo | gsm | text")
-@click.option("--preset", default="debug", show_default=True, help="Model + train preset (see `lmsleep presets`).")
+@click.option("--task", required=True, help="rule110 | depo | gsm | text | recall | gsm-infinite")
+@click.option("--preset", help="Model + train preset (see `lmsleep presets`); default debug. With --init only the "
+              "train preset counts; default retrofit.")
+@click.option("--init", "init", type=click.Path(exists=True, file_okay=False),
+              help="Model folder to fine-tune (e.g. from `lmsleep retrofit`): its config, weights and tokenizer.")
+@click.option("--freeze", type=click.Choice(["none", "mlp", "base"]),
+              help="With --init: base = only the SSM blocks a retrofit inserted learn (retrofit preset's default), "
+                   "mlp = all but the MLPs, none = everything.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="ModelConfig or TrainConfig field, e.g. --set d_model=64 --set muon_lr=0.01 (repeatable).")
 @click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
@@ -184,7 +190,8 @@ def parse_pairs(pairs) -> dict:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @backend_option
 @user_errors
-def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, resume, nproc, quiet, backend):
+def train(task, preset, init, freeze, sets, task_args, data, passes, grad_accum, steps, out, resume, nproc, quiet,
+          backend):
     """Train a sleeping hybrid on a task; writes OUT/{metrics.jsonl, checkpoint/, model/}.
 
     \b
@@ -192,11 +199,12 @@ def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, r
       lmsleep train --task rule110 --task-arg steps=2 --preset small-rule110 --passes 4 --out runs/r110-n4
       lmsleep train --task text --data notes.txt --preset debug --out runs/text
       lmsleep train --task rule110 --preset debug --nproc 2 --out runs/ddp     # 2 processes (torch)
+      lmsleep train --init runs/smol --task recall --out runs/smol-ft          # fine-tune a retrofit
     """
     from lmsleep import workflows as wf
 
     t, mc, tc = wf.build_run(task, parse_pairs(task_args), preset, parse_pairs(sets), passes=passes,
-                             grad_accum=grad_accum, steps=steps, data=data)
+                             grad_accum=grad_accum, steps=steps, data=data, init=init, freeze=freeze)
     resume = wf.resume_or_start(out, resume)
     if nproc > 1:
         from common.backends import BACKENDS, get
@@ -206,13 +214,14 @@ def train(task, preset, sets, task_args, data, passes, grad_accum, steps, out, r
             able = ", ".join(x.name for x in BACKENDS.values() if x.distributed)
             raise UserError(f"--nproc needs a backend that trains over several processes ({able}); "
                             f"{b.name} trains on one device")
-        argv = ["--task", task, "--preset", preset, "--out", out] + [f"--task-arg={k}={json.dumps(v)}"
-                                                                     for k, v in t.params.items()]
+        argv = ["--task", task, "--out", out] + ["--preset", preset] * bool(preset) + ["--init", init] * bool(init)
+        argv += [f"--task-arg={k}={json.dumps(v)}" for k, v in t.params.items()]
         argv += [f"--set={k}={json.dumps(v)}" for k, v in {**mc.to_dict(), **tc.to_dict()}.items()]
         argv += ["--resume"] * resume + ["--no-progress"] * quiet
         sys.exit(wf.launch_distributed(nproc, argv))
-    summary = wf.run_train(backend, t, mc, tc, out, resume=resume, progress=not quiet)
-    click.echo(json.dumps({k: summary[k] for k in ("step", "loss", "eval", "tokens_per_s", "model") if k in summary}))
+    summary = wf.run_train(backend, t, mc, tc, out, resume=resume, progress=not quiet, init=init)
+    click.echo(json.dumps({k: summary[k] for k in ("step", "loss", "eval", "tokens_per_s", "peak_mem_mib", "model")
+                           if k in summary}))
 
 
 @cli.command(name="eval")

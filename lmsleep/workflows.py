@@ -33,9 +33,10 @@ def one_line(e: BaseException) -> str:
 
 
 def run_train(backend: str, task, mc: ModelConfig, tc: TrainConfig, out: str, *, resume=False, progress=True,
-              max_steps=None) -> dict:
+              max_steps=None, init=None) -> dict:
+    """Train with `backend` (init: a model folder to fine-tune, see common.training.build_run)."""
     return load_backend(backend).train.train(task, mc, tc, out, resume=resume, progress=progress,
-                                             max_steps=max_steps)
+                                             max_steps=max_steps, init=init)
 
 
 def resume_or_start(out, resume: bool, *, note: bool = True) -> bool:

@@ -43,7 +43,7 @@ from common import training as tr
 from common.config import ModelConfig, TrainConfig
 from common.tasks import Batch
 from common.training import TrainingError, lr_at  # noqa: F401  (shared by both backends; public here too)
-from sleep_mlx.io import read_tensors, save
+from sleep_mlx.io import load, read_tensors, save
 from sleep_mlx.model import HybridLM
 
 BACKEND = "mlx"
@@ -87,6 +87,27 @@ def build_optimizers(model: HybridLM, tc: TrainConfig) -> dict[str, optim.Optimi
         "adamw": optim.AdamW(tc.adamw_lr, betas=list(tc.adam_betas), eps=1e-8, weight_decay=tc.weight_decay,
                              bias_correction=True),  # MLX's default is False; torch always corrects
     }
+
+
+def set_trainable(model: HybridLM, trainable) -> None:
+    """Freeze every parameter not in `trainable` (canonical names; None: all train): model.freeze(),
+    then unfreeze the trained ones, so that value_and_grad and the optimizers see only those."""
+    model.unfreeze()
+    if trainable is None:
+        return
+    model.freeze()
+    for name in trainable:
+        *path, leaf = name.split(".")
+        module = model
+        for part in path:  # "layers.3.ssm.o_proj": lists take the index
+            module = module[int(part)] if isinstance(module, list) else getattr(module, part)
+        module.unfreeze(recurse=False, keys=[leaf])
+
+
+def trainable_names(model: HybridLM) -> list[str] | None:
+    """The canonical names that train (None when nothing is frozen)."""
+    names = [n for n, _ in tree_flatten(model.trainable_parameters())]
+    return None if len(names) == len(tree_flatten(model.parameters())) else names
 
 
 def set_lr(optimizers: dict, tc: TrainConfig, step: int) -> float:
@@ -220,12 +241,13 @@ def optimizer_state(model: HybridLM, optimizers: dict) -> tuple[dict[str, mx.arr
                 if f"{name}.{own}" in state:
                     tensors[tr.optimizer_tensor_name(opt_name, name, key)] = state[f"{name}.{own}"]
         steps[opt_name] = int(opt.step.item())
-    return tensors, tr.optimizer_document(model.config, steps)
+    return tensors, tr.optimizer_document(model.config, steps, trainable_names(model))
 
 
 def load_optimizer_state(model: HybridLM, optimizers: dict, tensors: dict, doc: dict) -> None:
     """Inverse of optimizer_state (checked with common.training.check_optimizer_state first)."""
-    tr.check_optimizer_state(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, doc, tr.OPTIMIZER_FILE)
+    tr.check_optimizer_state(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, doc, tr.OPTIMIZER_FILE,
+                             trainable_names(model))
     for opt_name, opt in optimizers.items():
         step = doc[opt_name]["step"]
         items = [(f"{name}.{own}", tensors[tr.optimizer_tensor_name(opt_name, name, key)])
@@ -249,33 +271,56 @@ def set_rng_state(state: dict) -> None:
     key[...] = mx.array(state["mlx"], dtype=key.dtype)  # in place: mx.random.state has no setter
 
 
-def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, tokenizer: dict | None = None) -> None:
-    """Write a training checkpoint folder (common.training.write_checkpoint) from model and optimizers."""
+def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, tokenizer: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """Write a training checkpoint folder (common.training.write_checkpoint) from model and optimizers.
+    With a "base" in `extra` (frozen weights that live in the init folder) only the trained tensors are
+    written; the companion files (tokenizer.json, chat template) come from model.tokenizer / chat_template."""
+    extra = extra or {}
+    keep = trainable_names(model) if tr.BASE_KEY in extra else None
     params = dict(tree_flatten(model.parameters()))
-    weights = {n: params[n] for n in ckpt.param_shapes(model.config)}  # canonical order, like torch
+    weights = {n: params[n] for n in ckpt.param_shapes(model.config) if keep is None or n in keep}  # canonical order
     opt_tensors, opt_doc = optimizer_state(model, optimizers)
     tr.write_checkpoint(folder, BACKEND, model.config, tokenizer, state, weights, opt_tensors, opt_doc,
-                        lambda path, arrays, meta: mx.save_safetensors(str(path), arrays, metadata=meta))
+                        lambda path, arrays, meta: mx.save_safetensors(str(path), arrays, metadata=meta),
+                        files=ckpt.companion_files(model.tokenizer, model.chat_template), extra=extra)
 
 
 def load_checkpoint(folder, model: HybridLM, optimizers: dict) -> dict:
     """Load a training checkpoint into model and optimizers in place; returns trainer_state.json
-    (ValueError for another backend's checkpoint: convert/ converts it)."""
+    (ValueError for another backend's checkpoint: convert/ converts it). A checkpoint of frozen-base
+    training holds the trained tensors only: the others stay as the model holds them (the init folder's,
+    checked by common.training.check_base on resume)."""
     state, opt_doc = tr.read_checkpoint(folder, BACKEND)
-    model.load_arrays(read_tensors(folder)[1])
+    if tr.BASE_KEY in ckpt.read_json_file(Path(folder) / ckpt.CONFIG_FILE, "config.json"):
+        saved = mx.load(str(Path(folder) / ckpt.WEIGHTS_FILE))
+        tr.check_checkpoint_weights(folder, model.config, {n: tuple(t.shape) for n, t in saved.items()},
+                                    trainable_names(model))
+        model.load_arrays({**dict(tree_flatten(model.parameters())), **saved})
+    else:
+        model.load_arrays(read_tensors(folder)[1])
     load_optimizer_state(model, optimizers, mx.load(str(Path(folder) / tr.OPTIMIZER_FILE)), opt_doc)
     return state
 
 
+def peak_memory(device=None) -> int:
+    """Peak memory in bytes: on a GPU MLX's own count (mx.get_peak_memory: Metal buffers, which the RSS
+    misses), on the CPU the process's RSS (as torch reports it there). device: None (the default), "cpu", "gpu"."""
+    gpu = (device or ("gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu")) == "gpu"
+    peak = mx.get_peak_memory() if gpu and hasattr(mx, "get_peak_memory") else 0
+    return peak or tr.peak_rss_bytes()
+
+
 # --- the loop ------------------------------------------------------------------------------------------
 
-def train(task, model_config: ModelConfig | str, train_config: TrainConfig, out_dir, *, resume: bool = False,
+def train(task, model_config: ModelConfig | str | None, train_config: TrainConfig, out_dir, *, resume: bool = False,
           progress: bool = True, max_steps: int | None = None, model: HybridLM | None = None,
-          device=None) -> dict:
+          device=None, init=None) -> dict:
     """sleep_torch.train.train with MLX: the same arguments, files and numbers (see there), on one
-    device: `device` None (MLX's default device), "cpu" or "gpu"; `model` is trained in place as float32."""
+    device: `device` None (MLX's default device), "cpu" or "gpu"; `model` is trained in place as float32;
+    `init` a model folder to fine-tune (train_config.freeze: what stays fixed)."""
     tc = train_config
-    mc = tr.prepare_run(task, model_config, tc, out_dir, resume=resume, model=model)
+    mc, ft = tr.prepare_run(task, model_config, tc, out_dir, resume=resume, model=model, init=init)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("sleep_mlx.train runs on one device; for distributed training use sleep_torch.train "
                          "under torchrun")
@@ -284,29 +329,51 @@ def train(task, model_config: ModelConfig | str, train_config: TrainConfig, out_
     where = mx.stream(getattr(mx, device)) if device is not None else contextlib.nullcontext()
     with where:
         return _train(task, mc, tc, Path(out_dir), resume=resume, progress=progress, max_steps=max_steps,
-                      model=model)
+                      model=model, ft=ft)
 
 
-def _train(task, mc: ModelConfig, tc: TrainConfig, out_dir: Path, *, resume, progress, max_steps, model) -> dict:
+def init_model(mc: ModelConfig, ft: tr.FineTune) -> HybridLM:
+    """The init folder's model with config `mc` (same weights; runtime fields such as window may differ)."""
+    loaded = load(ft.folder)
+    if loaded.config == mc:
+        return loaded
+    model = HybridLM(mc, seed=None)
+    model.load_arrays({n: p.astype(mx.float32) for n, p in tree_flatten(loaded.parameters())})
+    model.tokenizer, model.chat_template = loaded.tokenizer, loaded.chat_template
+    return model
+
+
+def _train(task, mc: ModelConfig, tc: TrainConfig, out_dir: Path, *, resume, progress, max_steps, model, ft) -> dict:
     mx.random.seed(tc.seed)
-    model = model if model is not None else HybridLM(mc, seed=tc.seed)
+    if model is None:
+        model = init_model(mc, ft) if ft is not None else HybridLM(mc, seed=tc.seed)
     model.set_dtype(mx.float32)  # master weights; bf16 is a compute dtype only (compute_dtype above)
     model.checkpoint_windows = tc.checkpoint_windows
     model.set_scan_impl(tc.scan_impl)
+    if getattr(model, "tokenizer", None) is None and hasattr(task.tokenizer, "to_json"):
+        model.tokenizer = task.tokenizer  # a pretrained tokenizer's tokenizer.json goes with the folders
+    set_trainable(model, ft.trainable if ft is not None else None)
     optimizers = build_optimizers(model, tc)
     start = None
     if resume:
-        start = tr.resume_state(out_dir, BACKEND, mc, task, tc)
+        start = tr.resume_state(out_dir, BACKEND, mc, task, tc, ft=ft)
         load_checkpoint(out_dir / tr.CHECKPOINT_DIR, model, optimizers)
         set_rng_state(start["rng"])
+    if hasattr(mx, "reset_peak_memory"):
+        mx.reset_peak_memory()
     eval_batch = max(tc.batch_size // tc.grad_accum, 1)
+    extra = tr.checkpoint_extra(ft)
+    ckpt_extra = {**extra, tr.BASE_KEY: ft.base} if ft is not None and ft.base is not None else extra
+    tokenizer = model.tokenizer.to_dict() if ft is not None and model.tokenizer is not None else None
     return tr.run_loop(
         task, mc, tc, out_dir, backend=BACKEND, start=start, progress=progress, max_steps=max_steps,
         step=lambda s, batch, count: train_step(model, optimizers, batch, tc, s, global_count=count),
         evaluate=lambda: evaluate(model, task, tc.eval_samples, batch_size=eval_batch,
                                   autocast=lambda: compute_dtype(model, COMPUTE_DTYPES[tc.dtype])),
-        save_checkpoint=lambda folder, doc, **files: save_checkpoint(folder, model, optimizers, doc, **files),
-        save_model=lambda folder, **files: save(model, folder, overwrite=True, **files), rng=rng_state)
+        save_checkpoint=lambda folder, doc, **files: save_checkpoint(folder, model, optimizers, doc, extra=ckpt_extra,
+                                                                     **files),
+        save_model=lambda folder, **files: save(model, folder, overwrite=True, **files, **extra), rng=rng_state,
+        tokenizer=tokenizer, memory=peak_memory)
 
 
 # --- command line (the click CLI comes on top) -----------------------------------------------------

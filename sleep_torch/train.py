@@ -34,11 +34,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from common import checkpoint as ckpt
 from common import training as tr
 from common.config import ModelConfig, TrainConfig
 from common.tasks import Batch
 from common.training import TrainingError, lr_at  # noqa: F401  (shared by both backends; public here too)
-from sleep_torch.io import read_tensors, save
+from sleep_torch.io import load, read_tensors, save
 from sleep_torch.model import HybridLM
 
 BACKEND = "torch"
@@ -113,16 +114,32 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: HybridLM, tc: TrainConfig, *, ns_dtype=torch.float32) -> dict[str, torch.optim.Optimizer]:
-    """{"muon": block matrices, "adamw": everything else} (split by common.training.is_muon_param)."""
+    """{"muon": block matrices, "adamw": everything else} (split by common.training.is_muon_param),
+    over the parameters that require grad (freeze: `set_trainable`)."""
     muon, adamw = [], []
     for name, p in model.named_parameters():
-        (muon if tr.is_muon_param(name) else adamw).append(p)
+        if p.requires_grad:  # frozen parameters (requires_grad False) get no optimizer and no state
+            (muon if tr.is_muon_param(name) else adamw).append(p)
     return {
         "muon": Muon(muon, lr=tc.muon_lr, momentum=tc.muon_momentum, weight_decay=tc.weight_decay,
                      ns_dtype=ns_dtype),
         "adamw": torch.optim.AdamW(adamw, lr=tc.adamw_lr, betas=tc.adam_betas, eps=1e-8,
                                    weight_decay=tc.weight_decay),
     }
+
+
+def set_trainable(model: HybridLM, trainable) -> None:
+    """Freeze every parameter not in `trainable` (canonical names; None: all train)."""
+    keep = None if trainable is None else set(trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep is None or name in keep)
+
+
+def trainable_names(model: HybridLM) -> list[str] | None:
+    """The canonical names that train (None when nothing is frozen)."""
+    params = list(model.named_parameters())
+    names = [n for n, p in params if p.requires_grad]
+    return None if len(names) == len(params) else names
 
 
 def set_lr(optimizers: dict, tc: TrainConfig, step: int) -> float:
@@ -190,7 +207,8 @@ def train_step(model, optimizers: dict, batch: Batch, tc: TrainConfig, step: int
     loss = loss_sum.item() / count  # waits for the backward
     t1 = time.perf_counter()
     tr.check_finite("loss", loss, step)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip or float("inf")))
     tr.check_finite("gradient norm", grad_norm, step)
     for opt in optimizers.values():
         opt.step()
@@ -229,12 +247,13 @@ def optimizer_state(model: HybridLM, optimizers: dict) -> tuple[dict[str, torch.
             counts.add(int(state["step"]))  # torch counts per parameter; every parameter steps every time
         assert len(counts) <= 1, f"{opt_name}: parameters at different steps {sorted(counts)}"
         steps[opt_name] = counts.pop() if counts else 0
-    return tensors, tr.optimizer_document(model.config, steps)
+    return tensors, tr.optimizer_document(model.config, steps, trainable_names(model))
 
 
 def load_optimizer_state(model: HybridLM, optimizers: dict, tensors: dict, doc: dict) -> None:
     """Inverse of optimizer_state (checked with common.training.check_optimizer_state first)."""
-    tr.check_optimizer_state(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, doc, tr.OPTIMIZER_FILE)
+    tr.check_optimizer_state(model.config, {n: tuple(t.shape) for n, t in tensors.items()}, doc, tr.OPTIMIZER_FILE,
+                             trainable_names(model))
     params = dict(model.named_parameters())
     for opt_name, opt in optimizers.items():
         index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
@@ -262,22 +281,42 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["torch_cuda"], dtype=torch.uint8), device)
 
 
-def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, tokenizer: dict | None = None) -> None:
-    """Write a training checkpoint folder (common.training.write_checkpoint) from model and optimizers."""
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, tokenizer: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """Write a training checkpoint folder (common.training.write_checkpoint) from model and optimizers.
+    With a "base" in `extra` (frozen weights that live in the init folder) only the trained tensors are
+    written; the companion files (tokenizer.json, chat template) come from model.tokenizer / chat_template."""
+    extra = extra or {}
+    keep = trainable_names(model) if tr.BASE_KEY in extra else None
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if keep is None or n in keep}
     opt_tensors, opt_doc = optimizer_state(model, optimizers)
     tr.write_checkpoint(folder, BACKEND, model.config, tokenizer, state, weights, opt_tensors, opt_doc,
-                        lambda path, tensors, meta: save_file(tensors, str(path), metadata=meta))
+                        lambda path, tensors, meta: save_file(tensors, str(path), metadata=meta),
+                        files=ckpt.companion_files(model.tokenizer, model.chat_template), extra=extra)
 
 
 def load_checkpoint(folder, model: HybridLM, optimizers: dict) -> dict:
     """Load a training checkpoint into model and optimizers in place; returns trainer_state.json
-    (ValueError for another backend's checkpoint: convert/ converts it)."""
+    (ValueError for another backend's checkpoint: convert/ converts it). A checkpoint of frozen-base
+    training holds the trained tensors only: the others stay as the model holds them (the init folder's,
+    checked by common.training.check_base on resume)."""
     state, opt_doc = tr.read_checkpoint(folder, BACKEND)
-    model.load_arrays(read_tensors(folder)[1])
+    if tr.BASE_KEY in ckpt.read_json_file(Path(folder) / ckpt.CONFIG_FILE, "config.json"):
+        saved = load_file(str(Path(folder) / ckpt.WEIGHTS_FILE))
+        tr.check_checkpoint_weights(folder, model.config, {n: tuple(t.shape) for n, t in saved.items()},
+                                    trainable_names(model))
+        model.load_arrays({**{n: p.detach() for n, p in model.named_parameters()}, **saved})
+    else:
+        model.load_arrays(read_tensors(folder)[1])
     tensors = {n: t.to(model.embed.weight.device) for n, t in load_file(str(Path(folder) / tr.OPTIMIZER_FILE)).items()}
     load_optimizer_state(model, optimizers, tensors, opt_doc)
     return state
+
+
+def peak_memory(device=None) -> int:
+    """Peak memory in bytes: allocated on CUDA (torch.cuda.max_memory_allocated), else the process's RSS."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return torch.cuda.max_memory_allocated(device) if cuda else tr.peak_rss_bytes()
 
 
 # --- distributed ---------------------------------------------------------------------------------------
@@ -300,54 +339,79 @@ def setup_distributed(device=None) -> tuple[int, int, torch.device, bool]:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def train(task, model_config: ModelConfig | str, train_config: TrainConfig, out_dir, *, resume: bool = False,
+def train(task, model_config: ModelConfig | str | None, train_config: TrainConfig, out_dir, *, resume: bool = False,
           progress: bool = True, max_steps: int | None = None, model: HybridLM | None = None,
-          device=None) -> dict:
+          device=None, init=None) -> dict:
     """Train on `task` (Algorithm 1) and write out_dir/{metrics.jsonl, checkpoint/, model/}.
 
     model_config: a ModelConfig that agrees with the task's vocab_size and window, or a preset name
     (then the task's values are used). resume: continue out_dir/checkpoint exactly. max_steps: stop
     after that many optimizer steps in total without changing the schedule (which spans tc.steps).
-    model: start from these weights instead of a fresh init (trained in place). Under torchrun (or an
-    initialized process group) this runs DistributedDataParallel; only rank 0 writes files.
-    Returns {"step", "loss", "eval", "tokens_per_s", "wall_time", "elapsed", paths}.
+    model: start from these weights instead of a fresh init (trained in place). init: a model folder to
+    fine-tune (its weights, tokenizer and chat template; model_config None = its config with the task's
+    window); train_config.freeze keeps some of its weights fixed (docs/TRAINING.md "Fine-tuning").
+    Under torchrun (or an initialized process group) this runs DistributedDataParallel; only rank 0
+    writes files. Returns {"step", "loss", "eval", "tokens_per_s", "peak_mem_mib", "wall_time", "elapsed", paths}.
     """
     tc = train_config
-    mc = tr.prepare_run(task, model_config, tc, out_dir, resume=resume, model=model)
+    mc, ft = tr.prepare_run(task, model_config, tc, out_dir, resume=resume, model=model, init=init)
     rank, world, device, created_group = setup_distributed(device)
     try:
         return _train(task, mc, tc, Path(out_dir), rank=rank, world=world, device=device, resume=resume,
-                      progress=progress, max_steps=max_steps, model=model)
+                      progress=progress, max_steps=max_steps, model=model, ft=ft)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
+def init_model(mc: ModelConfig, ft: tr.FineTune) -> HybridLM:
+    """The init folder's model with config `mc` (same weights; runtime fields such as window may differ)."""
+    loaded = load(ft.folder)
+    if loaded.config == mc:
+        return loaded
+    model = HybridLM(mc, seed=None)
+    model.load_arrays({n: p.detach().float() for n, p in loaded.named_parameters()})
+    model.tokenizer, model.chat_template = loaded.tokenizer, loaded.chat_template
+    return model
+
+
 def _train(task, mc: ModelConfig, tc: TrainConfig, out_dir: Path, *, rank, world, device, resume, progress,
-           max_steps, model) -> dict:
+           max_steps, model, ft) -> dict:
     torch.manual_seed(tc.seed)
-    model = (model if model is not None else HybridLM(mc, seed=tc.seed)).to(device=device, dtype=torch.float32)
+    if model is None:
+        model = init_model(mc, ft) if ft is not None else HybridLM(mc, seed=tc.seed)
+    model = model.to(device=device, dtype=torch.float32)
     model.checkpoint_windows = tc.checkpoint_windows
     model.set_scan_impl(tc.scan_impl)
+    if getattr(model, "tokenizer", None) is None and hasattr(task.tokenizer, "to_json"):
+        model.tokenizer = task.tokenizer  # a pretrained tokenizer's tokenizer.json goes with the folders
+    set_trainable(model, ft.trainable if ft is not None else None)
     bf16 = COMPUTE_DTYPES[tc.dtype] is not None
     optimizers = build_optimizers(model, tc, ns_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
     start = None
     if resume:
-        start = tr.resume_state(out_dir, BACKEND, mc, task, tc, announce=rank == 0)
+        start = tr.resume_state(out_dir, BACKEND, mc, task, tc, announce=rank == 0, ft=ft)
         load_checkpoint(out_dir / tr.CHECKPOINT_DIR, model, optimizers)
         set_rng_state(start["rng"], device)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     eval_batch = max(tc.batch_size // tc.grad_accum // world, 1)
+    extra = tr.checkpoint_extra(ft)
+    ckpt_extra = {**extra, tr.BASE_KEY: ft.base} if ft is not None and ft.base is not None else extra
+    tokenizer = model.tokenizer.to_dict() if ft is not None and model.tokenizer is not None else None
     return tr.run_loop(
         task, mc, tc, out_dir, backend=BACKEND, start=start, rank=rank, world=world, progress=progress,
         max_steps=max_steps, step=lambda s, batch, count: train_step(net, optimizers, batch, tc, s, global_count=count),
         evaluate=lambda: evaluate(model, task, tc.eval_samples, batch_size=eval_batch,
                                   autocast=lambda: compute_dtype(model, COMPUTE_DTYPES[tc.dtype])),
-        save_checkpoint=lambda folder, doc, **files: save_checkpoint(folder, model, optimizers, doc, **files),
-        save_model=lambda folder, **files: save(model, folder, overwrite=True, **files), rng=lambda: rng_state(device))
+        save_checkpoint=lambda folder, doc, **files: save_checkpoint(folder, model, optimizers, doc, extra=ckpt_extra,
+                                                                     **files),
+        save_model=lambda folder, **files: save(model, folder, overwrite=True, **files, **extra),
+        rng=lambda: rng_state(device), tokenizer=tokenizer, memory=lambda: peak_memory(device))
 
 
 # --- command line (torchrun launches this; the click CLI comes on top) ------------------------------
