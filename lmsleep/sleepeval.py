@@ -11,6 +11,12 @@ Rows (one per model and evaluation N; columns are the task's metrics, e.g. recal
 Every row at a folder's own window is `lmsleep.workflows.run_eval` itself, so its numbers equal
 `lmsleep eval FOLDER --passes N` on the same examples (the same seed and n).
 
+`eval_batch` (`--eval-batch`): for long sequences with a large vocabulary, where keeping every logit is
+impossible (evaluate keeps n x T x V float32 logits: 512 GSM-Infinite problems of 3,300 tokens in Qwen's
+151,936-token vocabulary would be 1 TB), the examples are scored `eval_batch` at a time and only their
+argmax predictions are kept: the same accuracies (every scorer of a reasoning task takes predictions too)
+and the same mean loss up to float rounding. Not for the text task, whose perplexity needs the logits.
+
 Why widening the window is exact: the window L enters a model in two places only, the schedule
 (`config.window`: where a window ends and its sleep falls due) and each attention block's sliding mask
 (`attn.window`). With L >= T the whole sequence is one window: no sleep and no eviction ever happens,
@@ -24,8 +30,11 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from common import checkpoint as ckpt
 from common import training as tr
+from common.tasks.base import Batch
 from lmsleep import workflows as wf
 from lmsleep.backends import load_backend
 
@@ -53,21 +62,61 @@ def is_model_folder(path) -> bool:
     return isinstance(doc, dict) and doc.get("format") == ckpt.FORMAT
 
 
-def whole_context_row(backend: str, folder, task, *, n: int, seed: int) -> dict:
+class _Rows:
+    """A task whose `sample` returns fixed rows of a batch and whose `score` returns argmax predictions:
+    lets the backend's own `evaluate` run the model on a slice without keeping its logits."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def sample(self, n, seed):
+        return self.batch
+
+    def score(self, logits, batch):
+        return {"pred": np.asarray(logits).argmax(-1).astype(np.int32)}
+
+
+def evaluate(b, model, task, n: int, seed: int, passes: int, eval_batch: int | None = None) -> dict:
+    """The backend's `evaluate(model, task, n, seed, passes)`, or the same scores computed `eval_batch`
+    examples at a time from argmax predictions (see the module docstring)."""
+    if eval_batch is None or eval_batch >= n:
+        return b.train.evaluate(model, task, n, seed, passes=passes)
+    if task.name == "text":
+        raise ValueError("--eval-batch needs a task scored on predictions; the text task needs the logits")
+    batch = task.sample(n, seed)
+    preds, loss_sum, count = [], 0.0, 0
+    for i in range(0, n, eval_batch):
+        rows = Batch(batch.tokens[i:i + eval_batch], batch.loss_mask[i:i + eval_batch])
+        out = b.train.evaluate(model, _Rows(rows), len(rows), seed, passes=passes, batch_size=eval_batch)
+        c = int(rows.loss_mask[:, 1:].sum())  # counted targets (logits[:, t] predicts tokens[:, t+1])
+        preds.append(out["pred"])
+        loss_sum, count = loss_sum + out["loss"] * c, count + c
+    return {**task.score(np.concatenate(preds), batch), "loss": loss_sum / max(count, 1)}
+
+
+def whole_context_row(backend: str, folder, task, *, n: int, seed: int, eval_batch: int | None = None) -> dict:
     """The upper bound: `folder` evaluated with no eviction (window widened to the sequence length)."""
     b = load_backend(backend)
     model = b.load(folder)
     if model.config.vocab_size != task.vocab_size:
         raise ValueError(f"{folder}: vocab_size {model.config.vocab_size} != task {task.name!r} ({task.vocab_size})")
     widen_window(model, max(task.seq_len, model.config.window))
-    scores = b.train.evaluate(model, task, n, seed, passes=1)
+    scores = evaluate(b, model, task, n, seed, 1, eval_batch)
     return {"model": WHOLE, "folder": str(folder), "eviction": "none", "window": model.config.window,
             "trained_passes": None, "passes": 1, **scores}
 
 
-def folder_rows(backend: str, label: str, folder, task, passes_list, *, n: int, seed: int) -> list[dict]:
+def folder_rows(backend: str, label: str, folder, task, passes_list, *, n: int, seed: int,
+                eval_batch: int | None = None) -> list[dict]:
     """run_eval's rows for one folder at its own window, labelled."""
-    rows = wf.run_eval(backend, folder, task, list(passes_list), n=n, seed=seed)
+    if eval_batch is None:
+        rows = wf.run_eval(backend, folder, task, list(passes_list), n=n, seed=seed)
+    else:  # run_eval, `eval_batch` examples at a time
+        b = load_backend(backend)
+        model = b.load(folder)
+        tr.check_task_config(task, model.config)
+        rows = [{"passes": p, "trained_passes": model.config.sleep_passes,
+                 **evaluate(b, model, task, n, seed, p, eval_batch)} for p in passes_list]
     _, doc = ckpt.read_config(folder)
     model = doc["model"]
     return [{"model": label, "folder": str(folder), "eviction": model.get("eviction", "hard"),
@@ -75,30 +124,33 @@ def folder_rows(backend: str, label: str, folder, task, passes_list, *, n: int, 
 
 
 def sleep_eval(backend: str, task, *, retrofit, trained=(), base=None, passes=(1, 2, 4), n: int = 64,
-               seed: int = tr.EVAL_SEED, lower_passes=(1,), progress=None) -> list[dict]:
+               seed: int = tr.EVAL_SEED, lower_passes=(1,), eval_batch: int | None = None,
+               progress=None) -> list[dict]:
     """All rows (see the module docstring). `base`: a model folder (evaluated widened) or a retrofit source
     (a GGUF, HF folder, Hub id or bundled name: retrofitted with window = T into a temporary folder);
     None = the `retrofit` folder itself, which equals its source on a window that holds the sequence.
-    `lower_passes`: N for the untrained retrofit (all N give the same numbers while `ssm.o_proj` = 0)."""
+    `lower_passes`: N for the untrained retrofit (all N give the same numbers while `ssm.o_proj` = 0).
+    `eval_batch`: score that many examples at a time, keeping predictions only (long sequences, big vocabularies)."""
+    kw = {"n": n, "seed": seed, "eval_batch": eval_batch}
     say = progress or (lambda message: None)
     say(f"{WHOLE}: {base or retrofit}")
     if base is None or is_model_folder(base):
-        rows = [whole_context_row(backend, base or retrofit, task, n=n, seed=seed)]
+        rows = [whole_context_row(backend, base or retrofit, task, **kw)]
     else:
         from convert.retrofit import retrofit as build
 
         with tempfile.TemporaryDirectory(prefix="lmsleep-base-") as tmp:
             build(base, Path(tmp) / "base", window=task.seq_len, passes=1, backend="torch" if backend == "auto"
                   else backend)
-            rows = [whole_context_row(backend, Path(tmp) / "base", task, n=n, seed=seed)]
+            rows = [whole_context_row(backend, Path(tmp) / "base", task, **kw)]
             rows[0]["folder"] = str(base)
     say(f"{EVICTED}: {retrofit}")
-    rows += folder_rows(backend, EVICTED, retrofit, task, lower_passes, n=n, seed=seed)
+    rows += folder_rows(backend, EVICTED, retrofit, task, lower_passes, **kw)
     for folder in trained:
         _, doc = ckpt.read_config(folder)
         label = f"trained N={doc['model'].get('sleep_passes', 1)}"
         say(f"{label}: {folder}")
-        rows += folder_rows(backend, label, folder, task, passes, n=n, seed=seed)
+        rows += folder_rows(backend, label, folder, task, passes, **kw)
     return rows
 
 
@@ -161,5 +213,5 @@ def plot(rows: list[dict], path, title: str = "") -> Path | None:
     return plots.save(fig, path)
 
 
-__all__ = ["WHOLE", "EVICTED", "widen_window", "is_model_folder", "whole_context_row", "folder_rows", "sleep_eval",
+__all__ = ["WHOLE", "EVICTED", "evaluate", "widen_window", "is_model_folder", "whole_context_row", "folder_rows", "sleep_eval",
            "difficulty_keys", "table_keys", "format_table", "markdown_table", "plot"]

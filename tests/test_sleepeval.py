@@ -122,3 +122,12 @@ def test_markdown_table(rows):
     lines = markdown_table(rows).splitlines()
     assert lines[0].startswith("| model | window | trained_passes | passes | acc_k1 | acc_k2 | acc |")
     assert len(lines) == 2 + len(rows) and "| whole context | 192 | - | 1 |" in lines[2]
+
+
+def test_eval_batch_keeps_predictions_only_and_gives_the_same_scores(rows, folders, task):
+    from lmsleep.sleepeval import folder_rows
+
+    chunked = folder_rows("torch", "trained N=2", folders["n2"], task, (1, 2), n=N, seed=1, eval_batch=4)
+    for a, b in zip(chunked, [r for r in rows if r["model"] == "trained N=2"]):
+        np.testing.assert_allclose(a.pop("loss"), b["loss"], rtol=1e-6)
+        assert a == {k: v for k, v in b.items() if k != "loss"}
