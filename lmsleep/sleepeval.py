@@ -17,9 +17,8 @@ impossible (evaluate keeps n x T x V float32 logits: 512 GSM-Infinite problems o
 argmax predictions are kept: the same accuracies (every scorer of a reasoning task takes predictions too)
 and the same mean loss up to float rounding. Not for the text task, whose perplexity needs the logits.
 
-Why widening the window is exact: the window L enters a model in two places only, the schedule
-(`config.window`: where a window ends and its sleep falls due) and each attention block's sliding mask
-(`attn.window`). With L >= T the whole sequence is one window: no sleep and no eviction ever happens,
+Why widening the window is exact: the window L decides where a window ends and its sleep falls due
+(and, in sliding mode, how far back attention reaches); the weights do not depend on it. With L >= T the whole sequence is one window: no sleep and no eviction ever happens,
 and the mask is plain causal attention, which is what the source model computes on the whole
 sequence (positions count from the window start, i.e. from 0).
 """
@@ -43,14 +42,23 @@ _DIFFICULTY = re.compile(r"acc_([a-z]+)(\d+)")  # acc_k2, acc_op6, acc_facts3, a
 
 
 def widen_window(model, window: int):
-    """The loaded `model` with attention window `window` (>= its own): config and every attention block."""
+    """A copy of the loaded `model` with attention window `window` (>= its own), built from the widened
+    config (so every size derived from the window, such as a preallocated KV cache, follows) with the
+    same weights, tokenizer and chat template. Either backend."""
     if window < model.config.window:
         raise ValueError(f"window {window} is smaller than the model's ({model.config.window})")
-    model.config = model.config.replace(window=window)
-    for block in model.layers:
-        if block.kind == "A":
-            block.attn.window = window
-    return model
+    if hasattr(model, "named_parameters"):  # torch
+        arrays = {name: p.detach() for name, p in model.named_parameters()}
+    else:  # MLX
+        from mlx.utils import tree_flatten
+
+        arrays = dict(tree_flatten(model.parameters()))
+    wide = type(model)(model.config.replace(window=window), seed=None)
+    if hasattr(wide, "to"):
+        wide.to(dtype=next(iter(arrays.values())).dtype, device=next(iter(arrays.values())).device)
+    wide.load_arrays(arrays)
+    wide.tokenizer, wide.chat_template = model.tokenizer, model.chat_template
+    return wide
 
 
 def is_model_folder(path) -> bool:
@@ -100,7 +108,7 @@ def whole_context_row(backend: str, folder, task, *, n: int, seed: int, eval_bat
     model = b.load(folder)
     if model.config.vocab_size != task.vocab_size:
         raise ValueError(f"{folder}: vocab_size {model.config.vocab_size} != task {task.name!r} ({task.vocab_size})")
-    widen_window(model, max(task.seq_len, model.config.window))
+    model = widen_window(model, max(task.seq_len, model.config.window))
     scores = evaluate(b, model, task, n, seed, 1, eval_batch)
     return {"model": WHOLE, "folder": str(folder), "eviction": "none", "window": model.config.window,
             "trained_passes": None, "passes": 1, **scores}
