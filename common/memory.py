@@ -20,7 +20,8 @@ from common.config import ModelConfig
 from common.sleep import CACHE_OF_KIND, State
 
 MEMORY_FORMAT = "lm-sleep-memory"
-MEMORY_VERSION = 1
+MEMORY_VERSION = 2  # 2: attention keys stored rotated at their window positions (1: unrotated, still read)
+READABLE_VERSIONS = ("1", "2")
 INT_FIELDS = State.COUNTERS  # ("offset", "due", "seen", "sleeps")
 
 
@@ -81,20 +82,25 @@ def check_memory_file(path, model_hash: str, config: ModelConfig, dtype: str | N
         raise CheckpointError(f"{path}: not a readable memory file ({why})") from None
     if meta.get("format") != MEMORY_FORMAT:
         raise CheckpointError(f"{path}: not an lm-sleep memory file (format {validate.shown(meta.get('format'))})")
-    if meta.get("format_version") != str(MEMORY_VERSION):
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: memory format_version {validate.shown(meta.get('format_version'))} "
                               "is not supported")
     if meta.get("model_hash") != model_hash:
         raise CheckpointError(f"{path}: this memory was written by another model (weights or config differ)")
-    return validate.check_memory(path, entries, meta, config, dtype, start)
+    counters = validate.check_memory(path, entries, meta, config, dtype, start)
+    return {**counters, "format_version": int(meta["format_version"])}
 
 
-def named_to_state(tensors: dict, layer_types: str, counters: dict[str, int]) -> State:
-    """{name: tensor} (as written by `state_to_named`) -> a State with one cache per block kind."""
+def named_to_state(tensors: dict, layer_types: str, counters: dict[str, int], cat) -> State:
+    """{name: tensor} (as written by `state_to_named`) -> a State with one cache per block kind.
+
+    `cat` is torch.cat / mx.concatenate. Attention keys come back as the file holds them: rotated
+    (format_version 2) or unrotated (1: the backend rotates them, see HybridLM.load_state)."""
     if counters.get("n_layers", len(layer_types)) != len(layer_types):
         raise CheckpointError(f"memory file has {counters['n_layers']} blocks, the model {len(layer_types)}")
     caches = []
     for i, kind in enumerate(layer_types):
         cls = CACHE_OF_KIND[kind]
-        caches.append(cls(**{f: tensors.get(f"{f}.{i}") for f in cls.FIELDS}))
+        fields = {f: tensors.get(f"{f}.{i}") for f in cls.FIELDS}
+        caches.append(cls.from_named(fields, cat) if hasattr(cls, "from_named") else cls(**fields))
     return State(caches=caches, hidden=tensors["hidden"], **{k: counters[k] for k in INT_FIELDS})

@@ -14,7 +14,8 @@ called through their cache class, which knows its block's calling convention. Wh
 when during a sleep is `sleep_plan`, the one description of the schedule that the model, the FLOP
 count (lmsleep bench train) and the parity report (convert.parity) all read.
 
-Adding a block kind: a cache class here (fields, `wake`, `replay`, `evict`, `woken`, `window_start`),
+Adding a block kind: a cache class here (fields, `wake`, `replay`, `evict`, `woken`, `window_start`,
+`from_named` when a memory file's names differ from its fields),
 registered in CACHE_OF_KIND, and the block's module in each backend's layers.py. Nothing else.
 """
 
@@ -99,23 +100,56 @@ class _Cache:
 
 @dataclass
 class AttentionCache(_Cache):
-    """An attention block's keys/values [B, P, H_kv, D] (keys unrotated, SPEC section 2).
+    """An attention block's keys/values: buffers [B, capacity, H_kv, D], keys stored ROTATED.
 
-    `past_*`: kept from before the current window (sliding eviction: at most L-1 tokens);
-    `cur_*`: the wake pass's keys/values of the current window so far (at most L tokens).
+    Slots [0, past) hold the tokens kept from before the current window (sliding eviction: at most
+    L-1, window positions -past..-1), slots [past, length) the current window's wake-pass tokens
+    (positions 0..length-past-1); slots beyond `length` are free room. Each key is rotated once, when
+    it is computed, at its window-relative position; a sliding eviction re-rotates the kept keys once
+    by -offset (rotary composes: R(p - o) = R(-o) R(p)). The block's module (layers.Attention) does
+    the writes: in place into the free room where that is safe (torch, no autograd), else a new array.
+    `mark` (torch): [length written] shared by the caches that share the buffers, so a stale State can
+    never overwrite slots a newer one uses (it copies instead); None = do not write in place.
+    Memory files hold the views `past_k`/`cur_k`/... under the names of FIELDS.
     """
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("past_k", "past_v", "cur_k", "cur_v")
-    past_k: Any
-    past_v: Any
-    cur_k: Any
-    cur_v: Any
+    FIELDS: ClassVar[tuple[str, ...]] = ("past_k", "past_v", "cur_k", "cur_v")  # memory-file names
+    k: Any
+    v: Any
+    past: int = 0
+    length: int = 0
+    mark: Any = None
+
+    @property
+    def past_k(self):
+        return self.k[:, :self.past]
+
+    @property
+    def past_v(self):
+        return self.v[:, :self.past]
+
+    @property
+    def cur_k(self):
+        return self.k[:, self.past:self.length]
+
+    @property
+    def cur_v(self):
+        return self.v[:, self.past:self.length]
+
+    def tensors(self) -> list:
+        return [self.k, self.v]  # the whole buffers (free room included): what the State really holds
+
+    @classmethod
+    def from_named(cls, fields: dict, cat: Cat) -> AttentionCache:
+        """From a memory file's past_k/past_v/cur_k/cur_v (keys as the file holds them)."""
+        k, v = cat([fields["past_k"], fields["cur_k"]], 1), cat([fields["past_v"], fields["cur_v"]], 1)
+        return cls(k, v, past=fields["past_k"].shape[1], length=k.shape[1])
 
     def wake(self, block, h, offset: int, cat: Cat):
-        """The wake pass over new tokens at window positions offset..: they see past + current keys."""
-        keys, values = cat([self.past_k, self.cur_k], 1), cat([self.past_v, self.cur_v], 1)
-        h, (k, v) = block(h, keys, values, offset)
-        return h, dataclasses.replace(self, cur_k=cat([self.cur_k, k], 1), cur_v=cat([self.cur_v, v], 1))
+        """The wake pass over new tokens at window positions offset..: they see past + current keys,
+        and their keys/values join the cache."""
+        h, (cache,) = block(h, self, offset, True)
+        return h, cache
 
     def woken(self):
         return None  # attention carries nothing from pass to pass
@@ -125,14 +159,12 @@ class AttentionCache(_Cache):
 
     def replay(self, block, h, carry):
         """A sleep pass over the whole window: in-window keys of this pass plus the kept past only."""
-        h, _ = block(h, self.past_k, self.past_v, 0)
+        h, _ = block(h, self, 0, False)
         return h, None
 
-    def evict(self, carry, keep: int, cat: Cat) -> AttentionCache:
+    def evict(self, block, carry, keep: int, cat: Cat) -> AttentionCache:
         """After a sleep: keep the last `keep` wake-pass keys/values (0 = hard eviction)."""
-        keys, values = cat([self.past_k, self.cur_k], 1), cat([self.past_v, self.cur_v], 1)
-        start = max(keys.shape[1] - keep, 0)
-        return AttentionCache(keys[:, start:], values[:, start:], keys[:, :0], values[:, :0])
+        return block.attn.evict(self, keep)
 
 
 @dataclass
@@ -164,7 +196,7 @@ class SSMCache(_Cache):
         h, (state, _) = block(h, carry, None)
         return h, state
 
-    def evict(self, carry, keep: int, cat: Cat) -> SSMCache:
+    def evict(self, block, carry, keep: int, cat: Cat) -> SSMCache:
         """After a sleep: the state of the last run is S_{w+1}."""
         return SSMCache(committed=carry, running=carry, conv=None)
 
@@ -284,6 +316,6 @@ def sleep(model, state: State, passes: int, cat: Cat) -> State:
         h, carry[run.block] = cache.replay(model.layers[run.block], h, start)
         _trace(model, run.stage, run.block, carry[run.block])
     keep = c.window - 1 if c.eviction == "sliding" else 0
-    caches = [cache.evict(carry[i], keep, cat) for i, cache in enumerate(state.caches)]
+    caches = [cache.evict(model.layers[i], carry[i], keep, cat) for i, cache in enumerate(state.caches)]
     return dataclasses.replace(state, caches=caches, hidden=state.hidden[:, :0], offset=0, due=0,
                                sleeps=state.sleeps + 1)

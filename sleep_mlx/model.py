@@ -120,7 +120,12 @@ class HybridLM(nn.Module):
         """Read a memory file written for this model (by either backend); continuing is exact."""
         dtype = ckpt.DTYPE_TAGS[str(self.embed.weight.dtype).rsplit(".", 1)[-1]]
         counters = memory.check_memory_file(path, self.fingerprint(), self.config, dtype)  # shapes, dtypes, finite
-        return memory.named_to_state(mx.load(str(path), format="safetensors"), self.config.layer_types, counters)
+        tensors = mx.load(str(path), format="safetensors")
+        state = memory.named_to_state(tensors, self.config.layer_types, counters, mx.concatenate)
+        if counters["format_version"] == 1:  # keys stored unrotated: rotate them at their window positions
+            state.caches = [block.attn.rotated(cache) if block.kind == "A" else cache
+                            for block, cache in zip(self.layers, state.caches)]
+        return state
 
     # --- internals (pure: they return a new State) -----------------------------------------------
     def _passes(self, passes) -> int:

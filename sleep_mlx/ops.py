@@ -40,8 +40,8 @@ impl: "ref" (step loop in float32: the ground truth; differentiable), "chunk" (t
 plain MLX ops; differentiable), "kernel" (the GPU path, Apple GPUs: an mx.fast.metal_kernel recurrent
 scan for calls of up to RECURRENT_MAX_T steps, whose backward pass recomputes through the chunked
 form, and the chunked form for longer calls), "auto" (kernel where available, with Dk % 32 == 0;
-otherwise "ref" for T == 1, a single decode step where the recurrence itself is cheapest, and
-"chunk" for T > 1).
+otherwise, for T == 1 (a decode step, where the recurrence itself is cheapest), the ref loop's body
+as one mx.compile'd step, and "chunk" for T > 1).
 Any T >= 0: T = 0 returns o [B, 0, H, Dv] and the initial state (zeros when None) in the state's dtype.
 Dtypes: computation runs in promote(float32, inputs); the state comes back in it, o in v's dtype.
 float64 inputs run on the CPU only, for tests; MLX's CPU exp is only float32-accurate even on float64
@@ -107,6 +107,37 @@ def _unstack0(x):
 @_unstack0.vjp
 def _unstack0_vjp(primals, cotangents, outputs):
     return (mx.stack(cotangents, axis=0),)
+
+
+# ----------------------------------------------------------------------------- step (T == 1)
+
+
+def _step(q, k, v, g, beta, S, *, rule, scale):
+    """One step of the ref loop, q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H] float32 -> (o, S).
+
+    The decode path of "auto" for T == 1 on the CPU, mx.compile'd (`_compiled_step`): one fused
+    graph instead of the loop's unstack/stack and a dozen separately scheduled ops."""
+    a_t, b_t = mx.exp(g)[..., None], beta[..., None]  # (B, H, 1)
+    d_t = b_t * v  # (B, H, Dv)
+    if rule == "delta":
+        d_t = d_t - (b_t * a_t) * (S * k[..., None, :]).sum(-1)  # S k as a reduction: no tiny matmuls
+    S = a_t[..., None] * S + d_t[..., :, None] * k[..., None, :]  # (B, H, Dv, Dk)
+    return (S * q[..., None, :]).sum(-1) * scale, S
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_step(rule, scale):
+    """mx.compile'd `_step`, one per (rule, scale)."""
+    return mx.compile(functools.partial(_step, rule=rule, scale=scale))
+
+
+def _scan_step(q, k, v, g, beta, initial_state, *, rule, scale, dt):
+    """ssm_scan for T == 1 and float32 (the arguments already checked): the compiled step."""
+    B, _, H, Dk = q.shape
+    S = _initial_state(initial_state, q, v, dt)
+    step = _compiled_step(rule, float(Dk**-0.5 if scale is None else scale))
+    o, S = step(q[:, 0], k[:, 0], v[:, 0].astype(dt), g[:, 0].astype(dt), beta[:, 0].astype(dt), S)
+    return o[:, None].astype(v.dtype), S
 
 
 # ----------------------------------------------------------------------------- chunk
@@ -344,6 +375,8 @@ def ssm_scan(q, k, v, g, beta, *, rule, scale=None, initial_state=None, impl="au
     (B, T, H, Dk, Dv), dt = _check(q, k, v, g, beta, rule, initial_state)
     if impl == "auto":
         use_kernel = Dk % 32 == 0 and dt == mx.float32 and _kernel_unavailable(q) is None
+        if not use_kernel and T == 1 and dt == mx.float32 and q.dtype == k.dtype == mx.float32:
+            return _scan_step(q, k, v, g, beta, initial_state, rule=rule, scale=scale, dt=dt)
         impl = "kernel" if use_kernel else ("ref" if T == 1 else "chunk")
     args = dict(rule=rule, scale=scale, initial_state=initial_state)
     if impl == "ref":

@@ -7,6 +7,8 @@ what a wake pass keeps and what a sleep pass throws away. Parameter names equal 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,28 +34,41 @@ def rotary(x, positions, inv_freq):
 
     inv_freq [D/2] float32 comes from ModelConfig.rope_inv_freq (theta^(-2i/D), or a scaled rope).
     """
-    half = x.shape[-1] // 2
+    return rotate(x, *rotary_table(positions, inv_freq))
+
+
+def rotary_table(positions, inv_freq):
+    """cos, sin [T, D] float32 of the angles position * inv_freq (each half-size row repeated twice)."""
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
-    cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None, :]  # (1, T, 1, D)
-    sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None, :]
+    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
+
+
+def rotate(x, cos, sin):
+    """x [B, T, H, D] rotated by the angles of `rotary_table` rows [T, D]: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
     x32 = x.float()
     rotated = torch.cat([-x32[..., half:], x32[..., :half]], -1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Causal softmax attention over the past keys/values handed in plus the new tokens.
+    """Causal softmax attention over the cached keys/values plus the new tokens.
 
-    Keys are cached unrotated; positions count from the start of the current window (past tokens
-    of the previous window have negative positions), so the rotary angles stay small forever.
-    Pretrained variants (SPEC section 7): grouped-query attention (n_kv_heads key/value heads, each
-    serving n_heads / n_kv_heads query heads), q/k/v biases, per-head RMSNorm of q and k before rotary.
+    Positions count from the start of the current window (cached tokens of the previous window have
+    negative positions), so the rotary angles stay small forever. Keys are cached rotated (common.sleep
+    AttentionCache): a call rotates only its new keys, and a sliding eviction re-rotates the kept ones
+    once. The cache buffers are preallocated to `capacity` = L (hard) or 2L-1 (sliding) tokens and new
+    keys are written in place when no autograd graph can see the buffers (inference); training builds
+    new arrays instead. Pretrained variants (SPEC section 7): grouped-query attention (n_kv_heads
+    key/value heads, each serving n_heads / n_kv_heads query heads), q/k/v biases, per-head RMSNorm
+    of q and k before rotary.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim, self.window = c.n_heads, c.kv_heads, c.head_dim, c.window
+        self.capacity = 2 * c.window - 1 if c.eviction == "sliding" else c.window
         self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.attn_bias)
         self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
         self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
@@ -62,18 +77,32 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
         self.qk_norm = c.qk_norm
-        # Rotary inverse frequencies (float32, not a parameter; kept float32 whatever the model dtype).
+        # Rotary inverse frequencies (float32, not a parameter; kept float32 whatever the model dtype), and
+        # cos/sin of every window position -L..L-1, computed once per device.
         self._inv_freq = torch.tensor(c.rope_inv_freq(), dtype=torch.float32)
+        self._table = None
 
     def new_cache(self, batch_size: int) -> AttentionCache:
         """No keys/values yet: [B, 0, H_kv, D] each, in the weights' dtype and device."""
         empty = self.q_proj.weight.new_zeros(batch_size, 0, self.n_kv_heads, self.head_dim)
-        return AttentionCache(past_k=empty, past_v=empty, cur_k=empty, cur_v=empty)
+        return AttentionCache(k=empty, v=empty)
 
-    def forward(self, x, past_k, past_v, start: int):
-        """x [B, T, d] at window positions start..start+T-1; past_k/v [B, P, H_kv, D] just before them.
+    def _cos_sin(self, start: int, n: int):
+        """cos, sin [n, D] of window positions start..start+n-1 (from the table when it covers them)."""
+        L, device = self.window, self.q_proj.weight.device
+        if self._table is None or self._table[0].device != device:
+            self._inv_freq = self._inv_freq.to(device)
+            self._table = rotary_table(torch.arange(-L, L, device=device), self._inv_freq)
+        if -L <= start and start + n <= L:
+            cos, sin = self._table
+            return cos[start + L:start + L + n], sin[start + L:start + L + n]
+        return rotary_table(torch.arange(start, start + n, device=device), self._inv_freq)
 
-        Returns (out [B, T, d], k, v) with k, v [B, T, H_kv, D] the new tokens' unrotated keys/values.
+    def forward(self, x, cache: AttentionCache, start: int, store: bool):
+        """x [B, T, d] at window positions start..start+T-1, after the cache's `past` kept tokens and
+        the current window's first `start` tokens.
+
+        Returns (out [B, T, d], cache with the new tokens' keys/values when `store`, else None).
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -81,20 +110,64 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)  # (B, P+T, H_kv, D)
-        P = past_k.shape[1]
-        k_pos = torch.arange(start - P, start + T, device=x.device)
-        q_pos = k_pos[P:]
-        if self._inv_freq.device != x.device:
-            self._inv_freq = self._inv_freq.to(x.device)
-        q_rot = rotary(q, q_pos, self._inv_freq).transpose(1, 2)  # (B, H, T, D)
-        k_rot = rotary(keys, k_pos, self._inv_freq).transpose(1, 2)  # (B, H_kv, P+T, D)
-        # Each query sees itself and the L-1 tokens before it (the window), never the future.
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
-        out = F.scaled_dot_product_attention(q_rot, k_rot, values.transpose(1, 2), attn_mask=mask,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        cos, sin = self._cos_sin(start, T)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        held = cache.past + start  # slots before the new tokens
+        if store:
+            cache = self._append(cache, held, k, v)
+            keys, values = cache.k[:, :held + T], cache.v[:, :held + T]
+        else:
+            keys, values = torch.cat([cache.k[:, :held], k], 1), torch.cat([cache.v[:, :held], v], 1)
+        # The first query reaches back L-1 positions: older slots are never seen by these queries.
+        lo = max(held - self.window + 1, 0)
+        keys, values = keys[:, lo:], values[:, lo:]  # (B, S, H_kv, D)
+        mask = None
+        if T > 1:  # each query sees itself and the L-1 tokens before it (the window), never the future
+            k_pos = torch.arange(lo - held, T, device=x.device)
+            q_pos = k_pos[-T:]
+            mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        return self.o_proj(out), k, v
+        return self.o_proj(out), (cache if store else None)
+
+    def _append(self, cache: AttentionCache, held: int, k, v) -> AttentionCache:
+        """The cache with k, v [B, T, H_kv, D] written at slots held..held+T-1."""
+        assert held == cache.length, (held, cache.length)
+        T, room = k.shape[1], cache.k.shape[1]
+        if torch.is_grad_enabled() and (k.requires_grad or cache.k.requires_grad):
+            # autograd may hold views of the buffers: build new ones (the training path)
+            return AttentionCache(torch.cat([cache.k[:, :held], k], 1), torch.cat([cache.v[:, :held], v], 1),
+                                  cache.past, held + T)
+        mark = cache.mark
+        if mark is None or mark[0] != held or held + T > room:  # not ours to extend, or full: a new buffer
+            size = (k.shape[0], max(self.capacity, held + T), *k.shape[2:])
+            keys, values = k.new_zeros(size), v.new_zeros(size)
+            keys[:, :held], values[:, :held] = cache.k[:, :held], cache.v[:, :held]
+            mark = [held]
+        else:
+            keys, values = cache.k, cache.v
+        keys[:, held:held + T], values[:, held:held + T] = k, v
+        mark[0] = held + T
+        return AttentionCache(keys, values, cache.past, held + T, mark)
+
+    def rotated(self, cache: AttentionCache) -> AttentionCache:
+        """A cache read with unrotated keys (memory format_version 1) with its keys rotated."""
+        cos, sin = self._cos_sin(-cache.past, cache.length)
+        return dataclasses.replace(cache, k=rotate(cache.k, cos, sin), mark=None)
+
+    def evict(self, cache: AttentionCache, keep: int) -> AttentionCache:
+        """After a sleep: the last `keep` tokens (0: hard eviction), re-rotated to the next window,
+        which starts right after the last one (at -offset from the old window's start)."""
+        n = min(keep, cache.length)
+        if n == 0:  # the buffers stay (a later append copies: `mark` no longer matches)
+            return AttentionCache(cache.k, cache.v, 0, 0, cache.mark)
+        offset = cache.length - cache.past
+        cos, sin = self._cos_sin(-offset, 1)  # R(-offset)
+        keys = rotate(cache.k[:, cache.length - n:cache.length], cos, sin)
+        values = cache.v[:, cache.length - n:cache.length]
+        new = self._append(AttentionCache(keys[:, :0], values[:, :0]), 0, keys, values)
+        return dataclasses.replace(new, past=n)
 
 
 def causal_conv(x, weight, tail):
@@ -215,9 +288,9 @@ class Block(nn.Module):
         return (self.attn if self.kind == "A" else self.ssm).new_cache(batch_size)
 
     def forward(self, h, *cache):
-        """cache: (past_k, past_v, start) for attention, (state, conv_tail) for SSM.
+        """cache: (AttentionCache, start, store) for attention, (state, conv_tail) for SSM.
 
-        Returns (h, extras): extras = (k, v) for attention, (state, conv_tail) for SSM.
+        Returns (h, extras): extras = (new cache or None,) for attention, (state, conv_tail) for SSM.
         """
         mixer = self.attn if self.kind == "A" else self.ssm
         out, *extras = mixer(self.norm1(h), *cache)

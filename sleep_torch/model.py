@@ -116,7 +116,11 @@ class HybridLM(nn.Module):
         counters = memory.check_memory_file(path, self.fingerprint(), self.config, dtype)  # shapes, dtypes, finite
         device = self.embed.weight.device
         tensors = {k: v.to(device) for k, v in load_file(str(path)).items()}
-        return memory.named_to_state(tensors, self.config.layer_types, counters)
+        state = memory.named_to_state(tensors, self.config.layer_types, counters, torch.cat)
+        if counters["format_version"] == 1:  # keys stored unrotated: rotate them at their window positions
+            state.caches = [block.attn.rotated(cache) if block.kind == "A" else cache
+                            for block, cache in zip(self.layers, state.caches)]
+        return state
 
     # --- internals (pure: they return a new State) -----------------------------------------------
     def _passes(self, passes) -> int:

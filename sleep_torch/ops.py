@@ -33,8 +33,8 @@ o = scale (diag(e^G) Q S_0^T + (Q K^T * decay) D) at once.
 impl: "ref" (step loop in float32: the ground truth; differentiable), "chunk" (the chunked form in
 plain torch ops; differentiable), "kernel" (the GPU path, CUDA: our own Triton recurrent kernel for
 no-grad calls of up to RECURRENT_MAX_T steps, such as decoding, and flash-linear-attention's chunk
-kernels otherwise), "auto" (kernel where available; otherwise "ref" for T == 1, a single decode step
-where the recurrence itself is cheapest, and "chunk" for T > 1).
+kernels otherwise), "auto" (kernel where available; otherwise, for T == 1 (a decode step, where the
+recurrence itself is cheapest), the ref loop's body once, and "chunk" for T > 1).
 Any T >= 0: T = 0 returns o [B, 0, H, Dv] and the initial state (zeros when None) in the state's dtype.
 Dtypes: computation runs in promote(float32, inputs); the state comes back in it, o in v's dtype.
 """
@@ -72,6 +72,31 @@ def ssm_scan_ref(q, k, v, g, beta, *, rule, scale=None, initial_state=None):
         S = S + d_t[..., :, None] * k_t[..., None, :]
         outs.append((S @ q_t[..., None])[..., 0] * scale)  # (B, H, Dv)
     return torch.stack(outs, dim=1).to(out_dtype), S  # (B, T, H, Dv), (B, H, Dv, Dk)
+
+
+# ----------------------------------------------------------------------------- step (T == 1)
+
+
+def _step(q, k, v, g, beta, S, *, rule, scale):
+    """One step of the ref loop, q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H] float32 -> (o, S).
+
+    The decode path of "auto" for T == 1 without a GPU kernel: the loop's body, without its
+    unbind/stack (same arithmetic, same order)."""
+    S = S * g.exp()[..., None, None]
+    if rule == "delta":
+        v = v - (S @ k[..., None])[..., 0]
+    d = beta[..., None] * v  # (B, H, Dv)
+    S = S + d[..., :, None] * k[..., None, :]
+    return (S @ q[..., None])[..., 0] * scale, S
+
+
+def _scan_step(q, k, v, g, beta, initial_state, *, rule, scale, dt):
+    """ssm_scan for T == 1 and float32 (the arguments already checked): one `_step`."""
+    B, _, H, Dk = q.shape
+    S = _initial_state(initial_state, q, v, dt)
+    scale = Dk**-0.5 if scale is None else scale
+    o, S = _step(q[:, 0], k[:, 0], v[:, 0].to(dt), g[:, 0].to(dt), beta[:, 0].to(dt), S, rule=rule, scale=scale)
+    return o[:, None].to(v.dtype), S
 
 
 # ----------------------------------------------------------------------------- chunk
@@ -288,6 +313,8 @@ def ssm_scan(q, k, v, g, beta, *, rule, scale=None, initial_state=None, impl="au
     (B, T, H, Dk, Dv), dt = _check(q, k, v, g, beta, rule, initial_state)
     if impl == "auto":
         use_kernel = q.is_cuda and dt == torch.float32 and _kernel_unavailable(q) is None
+        if not use_kernel and T == 1 and dt == torch.float32 and q.dtype == k.dtype == torch.float32:
+            return _scan_step(q, k, v, g, beta, initial_state, rule=rule, scale=scale, dt=dt)
         impl = "kernel" if use_kernel else ("ref" if T == 1 else "chunk")
     args = dict(rule=rule, scale=scale, initial_state=initial_state)
     if impl == "ref":

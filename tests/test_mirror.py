@@ -33,6 +33,7 @@ ALLOWED = {
     ("ops:_unit_lower_inverse_vjp", "mlx only"): "its hand-written vjp",
     ("ops:COMPILE", "mlx only"): "the MLX chunk core is mx.compile'd (switch to debug it)",
     ("ops:_compiled_core", "mlx only"): "the cache of mx.compile'd chunk cores",
+    ("ops:_compiled_step", "mlx only"): "the cache of mx.compile'd decode steps (torch.compile did not pay on CPU)",
     ("ops:_KERNEL_SOURCE", "mlx only"):
         "mx.fast.metal_kernel takes the kernel body as a string; torch's Triton kernel is a Python function",
     ("ops:_differentiable_kernel", "mlx only"):
