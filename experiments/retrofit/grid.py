@@ -1,0 +1,87 @@
+"""The CPU retrofit experiment (issue 15, deliverable 4): does sleep help a pretrained model recall what
+hard eviction took away? Every step is an `lmsleep` command line.
+
+1. `lmsleep retrofit smollm2-135m-instruct ROOT/retrofit --window 64`: the bundled SmolLM2-135M-Instruct
+   GGUF, 8 MLP-free SSM blocks inserted in the looped middle (source layers [7, 23)), `ssm.o_proj` = 0.
+2. `lmsleep train --init ROOT/retrofit --freeze base` on `recall` (facts 1-2 windows before their question,
+   in SmolLM2's own tokens), once with N = 1 and once with N = 2: the same steps, the same data (a step's
+   batch depends on (seed, step) only), the same init. Only the inserted SSM blocks learn.
+3. `lmsleep sleep-eval`: per distance k, the whole-context upper bound (no eviction), the untrained retrofit
+   (lower bound: an evicted fact is gone), and both trained folders at N = 1 and 2.
+
+Sizing (measured here with `lmsleep train --init` itself, 3 steps of exactly these settings, the two runs side
+by side, one thread each, while other agents loaded the box to a load average of ~5 on 2 cores): 37 s per
+step at N = 1 and 47 s at N = 2 (batch 8, T = 96). A first try with window 64 and T = 192 took 48 and
+74 s per step, too slow for an hour. Unloaded, `python -m experiments.retrofit.measure` gives 2.9 s per
+sequence at T = 192 (N = 1 and 2 alike: the second pass only runs the looped blocks over the context
+window, and backward through it is short), i.e. about half the loaded times. STEPS = 75: ~47 min of
+training at N = 1 and ~59 min at N = 2 on the loaded box, plus 3 in-training evaluations of 32 examples
+and the final sleep-eval (forward only): about an hour, both runs at once on the two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+SOURCE = "smollm2-135m-instruct"
+WINDOW = 32  # L in SmolLM2 tokens: one fact (and filler) per window
+TASK_ARGS = {"window": WINDOW, "k": [1, 2], "facts": [1, 1]}  # T = (2 + 1) * 32 = 96 tokens
+PASSES = (1, 2)
+STEPS = 75
+BATCH = 8  # sequences per optimizer step, accumulated from micro-batches of 2
+# The `retrofit` train preset (--freeze base) adapted to a short CPU run: float32 compute (the CPU's bf16 autocast
+# is no faster here), no per-window recomputation (a micro-batch of 2 peaks at ~2 GiB: memory is not the limit,
+# time is), a short warm-up; lr 3x the paper's Muon 1e-3 and AdamW 3e-4 (the gates, A_log, dt_bias, convs and
+# norms of the new blocks only: the embeddings are frozen) because the run is ~10x shorter. A guess, not tuned.
+SETS = {"batch_size": BATCH, "grad_accum": BATCH // 2, "warmup_steps": 10, "eval_interval": 25,
+        "eval_samples": 32, "save_interval": 5, "log_interval": 1, "dtype": "float32",
+        "checkpoint_windows": False, "muon_lr": 3e-3, "adamw_lr": 3e-4, "seed": 0}
+EVAL_N = 128  # examples of the final sleep-eval (seed 1: never a training batch)
+EVAL_PASSES = (1, 2)
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    passes: int
+
+    def train_argv(self, root: str) -> list[str]:
+        argv = ["train", "--init", f"{root}/retrofit", "--freeze", "base", "--preset", "retrofit",
+                "--task", "recall", *task_argv(root), "--passes", str(self.passes), "--steps", str(STEPS)]
+        for key, value in SETS.items():
+            argv += ["--set", f"{key}={arg(value)}"]
+        return argv + ["--out", f"{root}/{self.name}", "--quiet"]
+
+
+def task_argv(root: str) -> list[str]:
+    """--task-arg flags of the recall task in the retrofit's own tokenizer."""
+    pairs = {**TASK_ARGS, "tokenizer_dir": f"{root}/retrofit"}
+    return [a for k, v in pairs.items() for a in ("--task-arg", f"{k}={arg(v)}")]
+
+
+def arg(value) -> str:
+    """A flag value as lmsleep reads it (JSON, else a string): compact JSON, strings bare."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def retrofit_argv(root: str) -> list[str]:
+    return ["retrofit", SOURCE, f"{root}/retrofit", "--window", str(WINDOW), "--passes", "1", "--backend", "torch"]
+
+
+def runs() -> list[Run]:
+    return [Run(f"n{n}", n) for n in PASSES]
+
+
+def sleep_eval_argv(root: str) -> list[str]:
+    argv = ["sleep-eval", "--task", "recall", *task_argv(root), "--retrofit", f"{root}/retrofit"]
+    for r in runs():
+        argv += ["--trained", f"{root}/{r.name}/model"]
+    for n in EVAL_PASSES:
+        argv += ["--passes", str(n)]
+    return argv + ["--n", str(EVAL_N), "--json", f"{root}/sleep_eval.json", "--plot", f"{root}/sleep_eval.png"]
+
+
+def command(argv: list[str]) -> str:
+    """The shell form of an lmsleep argv (JSON lists quoted for a shell)."""
+    return "lmsleep " + " ".join(f"'{a}'" if any(c in a for c in "[]{} ,\"") else a for a in argv)
