@@ -277,3 +277,25 @@ def test_refusals(retro, runs, tmp_path):
     # and the retrofit preset needs a folder
     result = CliRunner().invoke(cli, ["train", "--task", "rule110", "--preset", "retrofit", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--init" in result.output
+
+
+def test_freeze_modes_and_build_run_defaults(retro):
+    """trainable_names per mode; build_run with --init: the retrofit preset, the folder's tokenizer and window."""
+    folder, inserted = retro
+    config, _ = ckpt.read_config(folder)
+    names = list(ckpt.param_shapes(config))
+    assert tr.trainable_names(config, "none") is None
+    mlp = tr.trainable_names(config, "mlp")
+    assert set(names) - set(mlp) == {n for n in names if ".mlp." in n} and "layers.0.norm2.weight" in mlp
+    assert set(tr.trainable_names(config, "base", inserted)) == {n for n in names if n.startswith(("layers.1.", "layers.3."))}
+    task, mc, tc = tr.build_run("recall", {"k": [1, 1], "facts": [1, 1]}, None, {"batch_size": 4}, init=folder)
+    assert (tc.freeze, tc.checkpoint_windows, tc.muon_lr, tc.adamw_lr, tc.batch_size) == ("base", True, 1e-3, 5e-5, 4)
+    assert task.params["tokenizer_dir"] == str(folder) and task.window == mc.window == WINDOW
+    assert mc.to_dict() == config.to_dict()
+    _, mc2, _ = tr.build_run("recall", {"k": [1, 1], "facts": [1, 1]}, None, {"window": 96, "sleep_passes": 3},
+                             init=folder)
+    assert (mc2.window, mc2.sleep_passes) == (96, 3)
+    with pytest.raises(ValueError, match="changes the weights"):
+        tr.check_init_config(tr.fine_tune(folder, tc), config.replace(d_model=32, head_dim=8, ssm_head_dim=8))
+    with pytest.raises(ValueError, match="freezes the weights of a model folder"):
+        tr.fine_tune(None, tc)
