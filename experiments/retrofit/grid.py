@@ -1,7 +1,7 @@
 """The CPU retrofit experiment (issue 15, deliverable 4): does sleep help a pretrained model recall what
 hard eviction took away? Every step is an `lmsleep` command line.
 
-1. `lmsleep retrofit smollm2-135m-instruct ROOT/retrofit --window 64`: the bundled SmolLM2-135M-Instruct
+1. `lmsleep retrofit smollm2-135m-instruct ROOT/retrofit --window 32`: the bundled SmolLM2-135M-Instruct
    GGUF, 8 MLP-free SSM blocks inserted in the looped middle (source layers [7, 23)), `ssm.o_proj` = 0.
 2. `lmsleep train --init ROOT/retrofit --freeze base` on `recall` (facts 1-2 windows before their question,
    in SmolLM2's own tokens), once with N = 1 and once with N = 2: the same steps, the same data (a step's
@@ -9,14 +9,17 @@ hard eviction took away? Every step is an `lmsleep` command line.
 3. `lmsleep sleep-eval`: per distance k, the whole-context upper bound (no eviction), the untrained retrofit
    (lower bound: an evicted fact is gone), and both trained folders at N = 1 and 2.
 
-Sizing (measured here with `lmsleep train --init` itself, 3 steps of exactly these settings, the two runs side
-by side, one thread each, while other agents loaded the box to a load average of ~5 on 2 cores): 37 s per
-step at N = 1 and 47 s at N = 2 (batch 8, T = 96). A first try with window 64 and T = 192 took 48 and
-74 s per step, too slow for an hour. Unloaded, `python -m experiments.retrofit.measure` gives 2.9 s per
-sequence at T = 192 (N = 1 and 2 alike: the second pass only runs the looped blocks over the context
-window, and backward through it is short), i.e. about half the loaded times. STEPS = 75: ~47 min of
-training at N = 1 and ~59 min at N = 2 on the loaded box, plus 3 in-training evaluations of 32 examples
-and the final sleep-eval (forward only): about an hour, both runs at once on the two cores.
+Sizing, measured with `lmsleep train --init` itself on this 2-core box, the two runs side by side with one
+thread each, while other agents kept the load average at ~5 (so each run got 1/3 to 1/2 of a core):
+- float32, 3 steps: 37 s per step at N = 1, 47 s at N = 2 (batch 8, T = 96); a first try with window 64
+  (T = 192) took 48 and 74 s, too slow for an hour;
+- bf16 autocast (the settings below), the first steps of the real run under `nice -n 19`: 38 s per step at
+  N = 1 (20 tokens/s), 53 s at N = 2 (14 tokens/s); peak RSS 2.4 and 2.8 GiB.
+Unloaded, `python -m experiments.retrofit.measure` gives 2.9 s per sequence in float32 at T = 192 (N = 1 and 2
+alike: the second pass runs only the looped blocks over the context windows, and backward through it is short),
+i.e. about half the loaded times. STEPS = 75 at ~50 s: ~1 hour for N = 2 on the loaded box (~30 min unloaded),
+plus 3 in-training evaluations of 32 examples and the final sleep-eval (forward only, ~10 min); both runs at
+once on the two cores.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ TASK_ARGS = {"window": WINDOW, "k": [1, 2], "facts": [1, 1]}  # T = (2 + 1) * 32
 PASSES = (1, 2)
 STEPS = 75
 BATCH = 8  # sequences per optimizer step, accumulated from micro-batches of 2
-# The `retrofit` train preset (--freeze base) adapted to a short CPU run: float32 compute (the CPU's bf16 autocast
-# is no faster here), no per-window recomputation (a micro-batch of 2 peaks at ~2 GiB: memory is not the limit,
-# time is), a short warm-up; lr 3x the paper's Muon 1e-3 and AdamW 3e-4 (the gates, A_log, dt_bias, convs and
+# The `retrofit` train preset (--freeze base) adapted to a short CPU run: its bf16 autocast (this Xeon's AMX units:
+# ~1.7x float32's speed, docs/TRAINING.md), no per-window recomputation (a micro-batch of 2 peaks at ~2 GiB: memory
+# is not the limit, time is), a short warm-up; lr 3x the paper's Muon 1e-3 and AdamW 3e-4 (the gates, A_log, dt_bias, convs and
 # norms of the new blocks only: the embeddings are frozen) because the run is ~10x shorter. A guess, not tuned.
 SETS = {"batch_size": BATCH, "grad_accum": BATCH // 2, "warmup_steps": 10, "eval_interval": 25,
-        "eval_samples": 32, "save_interval": 5, "log_interval": 1, "dtype": "float32",
+        "eval_samples": 32, "save_interval": 5, "log_interval": 1, "dtype": "bfloat16",
         "checkpoint_windows": False, "muon_lr": 3e-3, "adamw_lr": 3e-4, "seed": 0}
 EVAL_N = 128  # examples of the final sleep-eval (seed 1: never a training batch)
 EVAL_PASSES = (1, 2)
