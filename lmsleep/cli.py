@@ -793,9 +793,12 @@ def demo(out, steps, batch_size, seed, backend):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Accuracy per difficulty as a PNG (needs matplotlib).")
 @click.option("--eval-batch", type=POSITIVE, help="Score this many examples at a time, keeping predictions only "
               "(long sequences with a large vocabulary: the logits of all --n examples would not fit).")
+@click.option("--whole-trained", is_flag=True, help="Also evaluate each trained folder with the whole context "
+              "(no eviction): the fine-tuned model's own upper bound.")
 @backend_option
 @user_errors
-def sleep_eval_(task, task_args, retrofit_dir, trained, base, passes, n, seed, json_out, plot, eval_batch, backend):
+def sleep_eval_(task, task_args, retrofit_dir, trained, base, passes, n, seed, json_out, plot, eval_batch,
+                whole_trained, backend):
     """What sleep bought: per difficulty, the whole-context upper bound, the untrained retrofit (lower
     bound) and each trained folder at every N, on the same examples.
 
@@ -809,7 +812,8 @@ def sleep_eval_(task, task_args, retrofit_dir, trained, base, passes, n, seed, j
 
     t = wf.model_task(trained[0] if trained else retrofit_dir, task, parse_pairs(task_args))
     rows = se.sleep_eval(backend, t, retrofit=retrofit_dir, trained=trained, base=base, passes=passes or (1, 2, 4),
-                         n=n, seed=seed, eval_batch=eval_batch, progress=lambda line: click.echo(line, err=True))
+                         n=n, seed=seed, eval_batch=eval_batch, whole_trained=whole_trained,
+                         progress=lambda line: click.echo(line, err=True))
     click.echo(se.format_table(rows))
     if json_out:
         wf.write_json(rows, json_out)

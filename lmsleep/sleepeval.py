@@ -6,7 +6,10 @@ Rows (one per model and evaluation N; columns are the task's metrics, e.g. recal
   sequence, so nothing is ever evicted (one window: no sleep either);
 - `evicted, untrained` (the lower bound): the retrofitted folder before any training, at its window:
   its inserted SSM blocks write nothing yet (`ssm.o_proj` = 0), so evicted windows are simply lost;
-- `trained N=n`: each trained folder, at its window, evaluated at every N asked for (its own and the others).
+- `trained N=n`: each trained folder, at its window, evaluated at every N asked for (its own and the others);
+- with `whole_trained`, also `trained N=n, whole context`: each trained folder without eviction, the ceiling
+  of that fine-tuned model (the base's own ceiling can be lower: SmolLM2-135M-Instruct, for one, answers
+  "Answer:" with a newline first, which a teacher-forced exact match counts as wrong, whatever it read).
 
 Every row at a folder's own window is `lmsleep.workflows.run_eval` itself, so its numbers equal
 `lmsleep eval FOLDER --passes N` on the same examples (the same seed and n).
@@ -18,9 +21,10 @@ argmax predictions are kept: the same accuracies (every scorer of a reasoning ta
 and the same mean loss up to float rounding. Not for the text task, whose perplexity needs the logits.
 
 Why widening the window is exact: the window L decides where a window ends and its sleep falls due
-(and, in sliding mode, how far back attention reaches); the weights do not depend on it. With L >= T the whole sequence is one window: no sleep and no eviction ever happens,
-and the mask is plain causal attention, which is what the source model computes on the whole
-sequence (positions count from the window start, i.e. from 0).
+(and, in sliding mode, how far back attention reaches); the weights do not depend on it. With L >= T
+the whole sequence is one window: no sleep and no eviction ever happens, and the mask is plain causal
+attention, which is what the source model computes on the whole sequence (positions count from the
+window start, i.e. from 0).
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ def folder_rows(backend: str, label: str, folder, task, passes_list, *, n: int, 
 
 def sleep_eval(backend: str, task, *, retrofit, trained=(), base=None, passes=(1, 2, 4), n: int = 64,
                seed: int = tr.EVAL_SEED, lower_passes=(1,), eval_batch: int | None = None,
-               progress=None) -> list[dict]:
+               whole_trained: bool = False, progress=None) -> list[dict]:
     """All rows (see the module docstring). `base`: a model folder (evaluated widened) or a retrofit source
     (a GGUF, HF folder, Hub id or bundled name: retrofitted with window = T into a temporary folder);
     None = the `retrofit` folder itself, which equals its source on a window that holds the sequence.
@@ -159,6 +163,9 @@ def sleep_eval(backend: str, task, *, retrofit, trained=(), base=None, passes=(1
         label = f"trained N={doc['model'].get('sleep_passes', 1)}"
         say(f"{label}: {folder}")
         rows += folder_rows(backend, label, folder, task, passes, **kw)
+        if whole_trained:
+            row = whole_context_row(backend, folder, task, **kw)
+            rows.append({**row, "model": f"{label}, {WHOLE}", "trained_passes": doc["model"].get("sleep_passes", 1)})
     return rows
 
 
@@ -211,15 +218,17 @@ def plot(rows: list[dict], path, title: str = "") -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = list(range(len(keys)))
     for r in rows:
-        bound = r["model"] in (WHOLE, EVICTED)
+        bound = r["model"] in (WHOLE, EVICTED) or r["model"].endswith(WHOLE)
         label = r["model"] if bound else f"{r['model']}, eval N={r['passes']}"
         ax.plot(xs, [r.get(k, float("nan")) for k in keys], "--" if bound else "-", marker="o",
-                color={WHOLE: "k", EVICTED: "tab:gray"}.get(r["model"]), label=label)
+                color={WHOLE: "k", EVICTED: "tab:gray"}.get(r["model"]), label=label if not bound or r["passes"] == 1
+                else None)
     ax.set_xticks(xs, [k.removeprefix("acc_") for k in keys])
     ax.set(xlabel="difficulty" if per else "", ylabel=metric if not per else "accuracy", title=title)
     plots.finish(ax, legend_size=7)
     return plots.save(fig, path)
 
 
-__all__ = ["WHOLE", "EVICTED", "evaluate", "widen_window", "is_model_folder", "whole_context_row", "folder_rows", "sleep_eval",
+__all__ = ["WHOLE", "EVICTED", "evaluate", "widen_window", "is_model_folder", "whole_context_row", "folder_rows",
+           "sleep_eval",
            "difficulty_keys", "table_keys", "format_table", "markdown_table", "plot"]

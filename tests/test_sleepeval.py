@@ -131,3 +131,16 @@ def test_eval_batch_keeps_predictions_only_and_gives_the_same_scores(rows, folde
     for a, b in zip(chunked, [r for r in rows if r["model"] == "trained N=2"]):
         np.testing.assert_allclose(a.pop("loss"), b["loss"], rtol=1e-6)
         assert a == {k: v for k, v in b.items() if k != "loss"}
+
+
+def test_whole_trained_adds_each_trained_folder_without_eviction(folders, task):
+    from lmsleep.sleepeval import sleep_eval, whole_context_row
+
+    rows = sleep_eval("torch", task, retrofit=folders["retrofit"], trained=[folders["n2"]], passes=(2,), n=N,
+                      whole_trained=True)
+    assert [r["model"] for r in rows] == ["whole context", "evicted, untrained", "trained N=2",
+                                          "trained N=2, whole context"]
+    last = rows[-1]
+    assert last["window"] == task.seq_len and last["eviction"] == "none" and last["trained_passes"] == 2
+    assert last["loss"] == whole_context_row("torch", folders["n2"], task, n=N, seed=1)["loss"]
+    assert last["loss"] != rows[0]["loss"]  # the trained SSM blocks write into the residual stream

@@ -77,7 +77,8 @@ PROFILES = {
                             eval_samples=4, eval_n=16),
     # The dry run: a random Qwen2-shaped model of 4 layers with a byte-level BPE without merges (256 bytes + 2
     # specials), every flag the same except the sizes; float32 on a CPU (bf16 autocast is what a GPU runs).
-    "tiny": Profile("", TINY, "1:3", window=256, length=(384, 512), ops=(2, 3), passes=(1, 2), steps=1, batch=4, micro=2,
+    "tiny": Profile("", TINY, "1:3", window=256, length=(384, 512), ops=(2, 3), passes=(1, 2), steps=1, batch=4,
+                    micro=2,
                     dtype="float32", eval_samples=2, eval_n=4, eval_batch=2),
 }
 
@@ -118,7 +119,8 @@ def commands(p: Profile, root: str = ROOT, gpus: int = 1, source: str | None = N
     ev = ["sleep-eval", "--task", "gsm-infinite", *task_argv(p, root), "--retrofit", f"{root}/retrofit"]
     ev += [a for n in p.passes for a in ("--trained", f"{root}/n{n}/model")]
     ev += [a for n in p.passes for a in ("--passes", str(n))]
-    ev += ["--n", str(p.eval_n), "--eval-batch", str(p.eval_batch), "--json", f"{root}/sleep_eval.json",
+    ev += ["--n", str(p.eval_n), "--eval-batch", str(p.eval_batch), "--whole-trained",
+           "--json", f"{root}/sleep_eval.json",
            "--plot", f"{root}/sleep_eval.png"]
     return out + [("sleep-eval", ev)]
 
