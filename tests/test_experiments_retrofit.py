@@ -106,3 +106,15 @@ def test_gpu_recipe_dry_run_trains_one_step_on_a_tiny_model(tmp_path, capsys):
         assert metrics[-1]["step"] == 1
     rows = json.loads((tmp_path / "tiny" / "sleep_eval.json").read_text())["results"]
     assert rows[0]["model"] == "whole context" and rows[0]["window"] == 512
+
+
+def test_retrofit_report_of_unfinished_runs_shows_their_progress(tmp_path):
+    from experiments.retrofit.report import section
+
+    (tmp_path / "n1").mkdir()
+    (tmp_path / "n1" / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 5.0, "elapsed": 120.0}) + "\n")
+    text = section(str(tmp_path))
+    assert "Not finished yet" in text and "| N = 1 | 3 | 120 | 40.0 | 5.000 | - |" in text
+    assert "| N = 2 | not run |" in text
+    with pytest.raises(SystemExit):
+        section(str(tmp_path / "empty"))

@@ -4,6 +4,7 @@
 Reads ROOT/sleep_eval.json (`lmsleep sleep-eval --json`) and each run's metrics.jsonl, prints markdown:
 the per-distance table with the bounds beside the trained models, the training cost (s/step measured
 by the trainer) and the commands; `--into` puts it between the BEGIN/END marker lines of that file.
+Before the runs finish it reports their progress (steps, s/step, last loss) instead of the table.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ def training_rows(root: str) -> list[str]:
              "|---|---|---|---|---|---|"]
     for r in runs():
         path = Path(root) / r.name / "metrics.jsonl"
-        if not path.exists():
+        records = read_metrics(path) if path.exists() else []
+        if not records:
             lines.append(f"| N = {r.passes} | not run | | | | |")
             continue
-        records = read_metrics(path)
         last = records[-1]
         evals = [rec for rec in records if "eval_acc" in rec]
         acc = f"{evals[-1]['eval_acc']:.3f} (step {evals[-1]['step']})" if evals else "-"
@@ -40,9 +41,14 @@ def training_rows(root: str) -> list[str]:
 
 
 def section(root: str) -> str:
+    """The markdown section; while the runs are unfinished (no sleep_eval.json yet), their progress only."""
     path = Path(root) / "sleep_eval.json"
     if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `python -m experiments.retrofit.run --root {root}` first")
+        if not any((Path(root) / r.name).is_dir() for r in runs()):
+            raise SystemExit(f"error: nothing under {root}; run `python -m experiments.retrofit.run --root {root}`")
+        return "\n".join([f"Not finished yet: the training runs so far (of {grid.STEPS} steps); "
+                          "`python -m experiments.retrofit.run` continues them from their last checkpoint, then "
+                          "evaluates, and this report then shows the table.", "", *training_rows(root)]) + "\n"
     rows = json.loads(path.read_text())["results"]
     lines = [f"`{grid.SOURCE}` (bundled GGUF) retrofitted, hard eviction, window {grid.TASK_ARGS['window']}; "
              f"`--freeze base` (only the inserted SSM blocks learn); recall with facts k in {grid.TASK_ARGS['k']} "
