@@ -206,26 +206,37 @@ def _cell(v) -> str:
 
 
 def plot(rows: list[dict], path, title: str = "") -> Path | None:
-    """Accuracy per difficulty, one line per row (the bounds dashed); None without matplotlib."""
+    """Left: accuracy per difficulty, one line per row (the bounds dashed); right: each row's mean loss on the
+    answers (it separates the bounds even where exact accuracy is 0). None without matplotlib."""
     from lmsleep import plots
 
     plt = plots.pyplot()
     if plt is None:
         return None
     per = difficulty_keys(rows)
-    metric = next(k for k in ("acc", "exact", "perplexity", "loss") if k in rows[0])
+    metric = next((k for k in ("acc", "exact", "perplexity") if k in rows[0]), "loss")
     keys = per or [metric]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     xs = list(range(len(keys)))
+    labels = []
     for r in rows:
         bound = r["model"] in (WHOLE, EVICTED) or r["model"].endswith(WHOLE)
-        label = r["model"] if bound else f"{r['model']}, eval N={r['passes']}"
+        label = r["model"] if r["model"] in (WHOLE, EVICTED) else f"{r['model']}, eval N={r['passes']}"
+        labels.append(label)
         ax.plot(xs, [r.get(k, float("nan")) for k in keys], "--" if bound else "-", marker="o",
-                color={WHOLE: "k", EVICTED: "tab:gray"}.get(r["model"]), label=label if not bound or r["passes"] == 1
-                else None)
+                color={WHOLE: "k", EVICTED: "tab:gray"}.get(r["model"]), label=label)
     ax.set_xticks(xs, [k.removeprefix("acc_") for k in keys])
-    ax.set(xlabel="difficulty" if per else "", ylabel=metric if not per else "accuracy", title=title)
+    ax.set(xlabel="difficulty" if per else "", ylabel="accuracy" if per else metric, title=title)
     plots.finish(ax, legend_size=7)
+    if "loss" in rows[0]:
+        ys = list(range(len(rows)))[::-1]
+        bx.barh(ys, [r["loss"] for r in rows], color=["k" if r["model"] == WHOLE else "tab:gray" if r["model"] ==
+                                                      EVICTED else "tab:blue" for r in rows])
+        bx.set_yticks(ys, labels, fontsize=7)
+        bx.set(xlabel="loss on the answers (nats)", title="mean loss")
+        bx.grid(alpha=0.3)
+    else:
+        bx.set_axis_off()
     return plots.save(fig, path)
 
 
