@@ -763,6 +763,10 @@ def run_loop(task, mc: ModelConfig, tc: TrainConfig, out_dir, *, backend: str,
                                     metrics={"loss": loss, "eval": last_eval})
                 save_checkpoint(ckpt_dir, doc, tokenizer=tokenizer)
                 save_model(model_dir, tokenizer=tokenizer, task={"name": task.name, "params": task.params})
+    if lead and start is not None and s == start_step:
+        # Resumed at the end: a kill after the last checkpoint but before model/ was rewritten left model/
+        # at an earlier save; write it again from the checkpoint's weights.
+        save_model(model_dir, tokenizer=tokenizer, task={"name": task.name, "params": task.params})
     wall = time.perf_counter() - t_start
     done_tokens = (s - start_step) * tc.batch_size * (task.seq_len or 0)
     return {"step": s, "loss": loss, "eval": last_eval, "tokens_per_s": done_tokens / max(wall, 1e-9),

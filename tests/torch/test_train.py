@@ -265,3 +265,19 @@ def test_rule110_retrieval_learns(tmp_path):
           f"1/2^states {ev['chance_exact']:.3f}), {summary['wall_time']:.0f} s")
     assert ev["majority_exact"] == rule110_majority_baseline(task.sample(512, tr.EVAL_SEED).meta["answers"])
     assert ev["exact"] > max(0.5, chance + 0.3)
+
+
+def test_resume_at_the_end_rewrites_model_folder(tmp_path):
+    """A kill after the last checkpoint but before model/ was rewritten: resuming at the end writes model/ again."""
+    task = make("rule110", **TASK)
+    tc = small_run(steps=2)
+    train(task, "debug", tc, tmp_path, progress=False)
+    stale = tmp_path / tr.MODEL_DIR
+    import shutil
+
+    shutil.rmtree(stale)  # (or an older save's weights): what the kill left
+    summary = train(task, "debug", tc, tmp_path, progress=False, resume=True)
+    assert summary["step"] == 2
+    a = load_file(str(tmp_path / tr.CHECKPOINT_DIR / "model.safetensors"))
+    b = load_file(str(stale / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
