@@ -94,8 +94,12 @@ def presets(name):
         for key, cfg in PRESETS.items():
             click.echo(f"{key:16s} d_model={cfg.d_model:<4d} layers={cfg.layer_types:<10s} "
                        f"window={cfg.window:<4d} N={cfg.sleep_passes}")
+        for key in TRAIN_PRESETS.keys() - PRESETS.keys():  # training only (e.g. retrofit: the model comes from --init)
+            click.echo(f"{key:16s} (train settings only: the model comes from `lmsleep train --init DIR`)")
         return
-    doc = {"model": ModelConfig.from_name(name).to_dict()}
+    doc = {}
+    if name in PRESETS or name not in TRAIN_PRESETS:  # an unknown name: from_name's one-line error
+        doc["model"] = ModelConfig.from_name(name).to_dict()
     if name in TRAIN_PRESETS:
         doc["train"] = TrainConfig.from_name(name).to_dict()
     click.echo(json.dumps(doc, indent=2))

@@ -236,3 +236,13 @@ def test_an_internal_key_error_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(ModelConfig, "from_name", staticmethod(broken))
     result = run("presets", "debug")
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)  # a bug: traceback, not exit 2
+
+
+def test_presets_lists_and_prints_train_only_presets():
+    listing = run("presets")
+    assert listing.exit_code == 0 and "retrofit" in listing.output
+    shown = run("presets", "retrofit")
+    assert shown.exit_code == 0
+    doc = json.loads(shown.output)
+    assert set(doc) == {"train"} and doc["train"]["freeze"] == "base"
+    assert_user_error(run("presets", "nope"), "unknown preset")
