@@ -269,18 +269,21 @@ def stream(tokens, state: State, window_size: int, run_window) -> tuple[list, St
     return outs, state
 
 
-def window(model, tokens, state: State, passes: int, cat: Cat):
-    """Sleep if due, then wake over `tokens`, which all fall in the current window."""
+def window(model, tokens, state: State, passes: int, cat: Cat, last: bool = False):
+    """Sleep if due, then wake over `tokens`, which all fall in the current window (`last`: the
+    logits of the last token only)."""
     if state.due:
         state = sleep(model, state, state.due, cat)
-    logits, state = wake(model, tokens, state, cat)
+    logits, state = wake(model, tokens, state, cat, last)
     if state.offset == model.config.window:
         state = dataclasses.replace(state, due=passes)
     return logits, state
 
 
-def wake(model, tokens, state: State, cat: Cat):
-    """Embed `tokens`, run every block once, keep the hidden states at the end of the looped range."""
+def wake(model, tokens, state: State, cat: Cat, last: bool = False):
+    """Embed `tokens`, run every block once, keep the hidden states at the end of the looped range.
+
+    Returns (logits [B, t, V], or [B, 1, V] of the last token with `last`, new State)."""
     b = model.config.loop_range[1]
     caches, hidden = list(state.caches), state.hidden
     h = model.embed(tokens)  # (B, t, d)
@@ -292,7 +295,7 @@ def wake(model, tokens, state: State, cat: Cat):
         _trace(model, "block", i, h)
     t = tokens.shape[1]
     new = dataclasses.replace(state, caches=caches, hidden=hidden, offset=state.offset + t, seen=state.seen + t)
-    return model.head(h), new
+    return model.head(h[:, -1:] if last else h), new
 
 
 def sleep_now(model, state: State, force: bool, passes, cat: Cat) -> State | None:

@@ -28,10 +28,10 @@ def generate(model: HybridLM, prompt: Sequence[int], *, max_tokens: int = 100, t
     state = model.new_state(1) if state is None else state
     if len(prompt) == 0:
         raise ValueError("empty prompt: give at least one token to condition on")
-    logits, _ = model.step(mx.array([list(prompt)], dtype=mx.int32), state, passes=passes)
+    logits, _ = model.step(mx.array([list(prompt)], dtype=mx.int32), state, passes=passes, last=True)
     for _ in range(max_tokens):
         token = int(sample_next(np.array(logits[:, -1].astype(mx.float32)), params, rng)[0])
         yield token
         if token in stop:
             return
-        logits, _ = model.step(mx.array([[token]], dtype=mx.int32), state, passes=passes)
+        logits, _ = model.step(mx.array([[token]], dtype=mx.int32), state, passes=passes, last=True)

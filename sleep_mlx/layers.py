@@ -55,15 +55,18 @@ def rotate(x, cos, sin):
     return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
+GROW = 256  # attention cache buffers grow in chunks of this many tokens (doubling), up to 2L-1 / L
+
+
 class Attention(nn.Module):
     """Causal softmax attention over the cached keys/values plus the new tokens.
 
     Positions count from the start of the current window (cached tokens of the previous window have
     negative positions), so the rotary angles stay small forever. Keys are cached rotated (common.sleep
     AttentionCache): a call rotates only its new keys, and a sliding eviction re-rotates the kept ones
-    once. The cache buffers are preallocated to `capacity` = L (hard) or 2L-1 (sliding) tokens; MLX
-    arrays are immutable, so new keys go in with mx.slice_update (which reuses the buffer's memory
-    when nothing else holds it). Pretrained variants (SPEC section 7): grouped-query attention
+    once. The cache buffers grow (GROW slots, doubling) to at most `capacity` = L (hard) or 2L-1
+    (sliding) tokens; MLX arrays are immutable, so new keys go in with mx.slice_update (which reuses
+    the buffer's memory when nothing else holds it). Pretrained variants (SPEC section 7): grouped-query attention
     (n_kv_heads key/value heads, each serving n_heads / n_kv_heads query heads), q/k/v biases,
     per-head RMSNorm of q and k before rotary.
     """
@@ -140,13 +143,18 @@ class Attention(nn.Module):
         assert held == cache.length, (held, cache.length)
         T, room = k.shape[1], cache.k.shape[1]
         if held + T > room:  # full: new buffers of the full capacity
-            pad = mx.zeros((k.shape[0], max(self.capacity, held + T) - held - T, *k.shape[2:]), dtype=k.dtype)
+            pad = mx.zeros((k.shape[0], self._room(held + T, room) - held - T, *k.shape[2:]), dtype=k.dtype)
             keys = mx.concatenate([cache.k[:, :held], k, pad], 1)
             values = mx.concatenate([cache.v[:, :held], v, pad.astype(v.dtype)], 1)
         else:
             at = mx.array([held])
             keys, values = mx.slice_update(cache.k, k, at, (1,)), mx.slice_update(cache.v, v, at, (1,))
         return AttentionCache(keys, values, cache.past, held + T)
+
+    def _room(self, need: int, room: int) -> int:
+        """Slots of a new buffer for `need` tokens: grown by doubling from GROW slots, at most `capacity`
+        (or exactly `need` beyond it: a window changed at run time)."""
+        return need if need > self.capacity else min(self.capacity, max(-(-need // GROW) * GROW, 2 * room))
 
     def rotated(self, cache: AttentionCache) -> AttentionCache:
         """A cache read with unrotated keys (memory format_version 1) with its keys rotated."""

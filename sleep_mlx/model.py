@@ -84,12 +84,14 @@ class HybridLM(nn.Module):
         hidden = mx.zeros((batch_size, 0, self.config.d_model), dtype=self.embed.weight.dtype)
         return State(caches=[block.new_cache(batch_size) for block in self.layers], hidden=hidden)
 
-    def step(self, tokens, state: State, passes: int | None = None):
+    def step(self, tokens, state: State, passes: int | None = None, last: bool = False):
         """Stream any number of tokens [B, t]: (logits [B, t, V], state). Sleeps when a window fills.
+
+        last=True: the logits of the last token only, [B, 1, V] (generation: no LM head over a prompt).
 
         Evaluates after every window, so the lazy graph never grows across windows or calls.
         """
-        logits, new = self._stream(tokens, state, passes, materialize=True)
+        logits, new = self._stream(tokens, state, passes, materialize=True, last=last)
         return logits, state.update(new)
 
     def sleep(self, state: State, force: bool = False, passes: int | None = None) -> State:
@@ -137,7 +139,7 @@ class HybridLM(nn.Module):
         lo, hi = (tokens.min().item(), tokens.max().item()) if tokens.size else (0, 0)
         schedule.check_token_ids(tokens.shape[0], state.batch_size, lo, hi, self.config.vocab_size)
 
-    def _stream(self, tokens, state: State, passes, materialize: bool = False):
+    def _stream(self, tokens, state: State, passes, materialize: bool = False, last: bool = False):
         """Window by window (common.sleep); materialize=True (step) evaluates each window's logits
         and State; each window is recomputed in backward when `checkpoint_windows` is on."""
         passes = self._passes(passes)
@@ -145,12 +147,13 @@ class HybridLM(nn.Module):
         run = self._checkpointed_window if self.checkpoint_windows else self._window
 
         def run_window(piece, s):
-            logits, s = run(piece, s, passes)
+            logits, s = self._window(piece, s, passes, last) if last else run(piece, s, passes)
             if materialize:
                 mx.eval(logits, s.tensors())
             return logits, s
 
         outs, state = schedule.stream(tokens, state, self.config.window, run_window)
+        outs = outs[-1:] if last else outs
         if not outs:
             return mx.zeros((tokens.shape[0], 0, self.config.vocab_size), dtype=self.embed.weight.dtype), state
         return mx.concatenate(outs, 1), state
@@ -170,8 +173,8 @@ class HybridLM(nn.Module):
         logits, tree = nn.utils.checkpoint(self, window)(schedule.to_tree(state))
         return logits, schedule.from_tree(tree, kinds)
 
-    def _window(self, tokens, state: State, passes: int):
-        return schedule.window(self, tokens, state, passes, mx.concatenate)
+    def _window(self, tokens, state: State, passes: int, last: bool = False):
+        return schedule.window(self, tokens, state, passes, mx.concatenate, last)
 
     def head(self, h):
         h = self.norm(h)

@@ -29,10 +29,10 @@ def generate(model: HybridLM, prompt: Sequence[int], *, max_tokens: int = 100, t
     if len(prompt) == 0:
         raise ValueError("empty prompt: give at least one token to condition on")
     with torch.no_grad():
-        logits, _ = model.step(torch.tensor([list(prompt)], device=device), state, passes=passes)
+        logits, _ = model.step(torch.tensor([list(prompt)], device=device), state, passes=passes, last=True)
         for _ in range(max_tokens):
             token = int(sample_next(logits[:, -1].float().cpu().numpy(), params, rng)[0])
             yield token
             if token in stop:
                 return
-            logits, _ = model.step(torch.tensor([[token]], device=device), state, passes=passes)
+            logits, _ = model.step(torch.tensor([[token]], device=device), state, passes=passes, last=True)

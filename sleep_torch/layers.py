@@ -51,17 +51,20 @@ def rotate(x, cos, sin):
     return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
+GROW = 256  # attention cache buffers grow in chunks of this many tokens (doubling), up to 2L-1 / L
+
+
 class Attention(nn.Module):
     """Causal softmax attention over the cached keys/values plus the new tokens.
 
     Positions count from the start of the current window (cached tokens of the previous window have
     negative positions), so the rotary angles stay small forever. Keys are cached rotated (common.sleep
     AttentionCache): a call rotates only its new keys, and a sliding eviction re-rotates the kept ones
-    once. The cache buffers are preallocated to `capacity` = L (hard) or 2L-1 (sliding) tokens and new
-    keys are written in place when no autograd graph can see the buffers (inference); training builds
-    new arrays instead. Pretrained variants (SPEC section 7): grouped-query attention (n_kv_heads
-    key/value heads, each serving n_heads / n_kv_heads query heads), q/k/v biases, per-head RMSNorm
-    of q and k before rotary.
+    once. The cache buffers grow (GROW slots, doubling) to at most `capacity` = L (hard) or 2L-1
+    (sliding) tokens, and new keys are written in place when no autograd graph can see the buffers
+    (inference); training builds new arrays instead. Pretrained variants (SPEC section 7):
+    grouped-query attention (n_kv_heads key/value heads, each serving n_heads / n_kv_heads query
+    heads), q/k/v biases, per-head RMSNorm of q and k before rotary.
     """
 
     def __init__(self, config: ModelConfig):
@@ -141,7 +144,7 @@ class Attention(nn.Module):
                                   cache.past, held + T)
         mark = cache.mark
         if mark is None or mark[0] != held or held + T > room:  # not ours to extend, or full: a new buffer
-            size = (k.shape[0], max(self.capacity, held + T), *k.shape[2:])
+            size = (k.shape[0], self._room(held + T, room), *k.shape[2:])
             keys, values = k.new_zeros(size), v.new_zeros(size)
             keys[:, :held], values[:, :held] = cache.k[:, :held], cache.v[:, :held]
             mark = [held]
@@ -150,6 +153,11 @@ class Attention(nn.Module):
         keys[:, held:held + T], values[:, held:held + T] = k, v
         mark[0] = held + T
         return AttentionCache(keys, values, cache.past, held + T, mark)
+
+    def _room(self, need: int, room: int) -> int:
+        """Slots of a new buffer for `need` tokens: grown by doubling from GROW slots, at most `capacity`
+        (or exactly `need` beyond it: a window changed at run time)."""
+        return need if need > self.capacity else min(self.capacity, max(-(-need // GROW) * GROW, 2 * room))
 
     def rotated(self, cache: AttentionCache) -> AttentionCache:
         """A cache read with unrotated keys (memory format_version 1) with its keys rotated."""

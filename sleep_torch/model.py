@@ -79,9 +79,12 @@ class HybridLM(nn.Module):
         hidden = self.embed.weight.new_zeros(batch_size, 0, self.config.d_model)
         return State(caches=[block.new_cache(batch_size) for block in self.layers], hidden=hidden)
 
-    def step(self, tokens, state: State, passes: int | None = None):
-        """Stream any number of tokens [B, t]: (logits [B, t, V], state). Sleeps when a window fills."""
-        logits, new = self._stream(tokens, state, passes)
+    def step(self, tokens, state: State, passes: int | None = None, last: bool = False):
+        """Stream any number of tokens [B, t]: (logits [B, t, V], state). Sleeps when a window fills.
+
+        last=True: the logits of the last token only, [B, 1, V] (generation: no LM head over a prompt).
+        """
+        logits, new = self._stream(tokens, state, passes, last=last)
         return logits, state.update(new)
 
     def sleep(self, state: State, force: bool = False, passes: int | None = None) -> State:
@@ -132,14 +135,17 @@ class HybridLM(nn.Module):
         lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
         schedule.check_token_ids(tokens.shape[0], state.batch_size, lo, hi, self.config.vocab_size)
 
-    def _stream(self, tokens, state: State, passes):
+    def _stream(self, tokens, state: State, passes, last: bool = False):
         """Window by window (common.sleep); each window is recomputed in backward when
         `checkpoint_windows` is on."""
         passes = self._passes(passes)
         self._check_tokens(tokens, state)
         checkpointed = self.checkpoint_windows and torch.is_grad_enabled()
         run = self._checkpointed_window if checkpointed else self._window
+        if last:  # generation (never differentiated): the plain window with the last token's logits
+            run = lambda piece, s, n: self._window(piece, s, n, True)  # noqa: E731
         outs, state = schedule.stream(tokens, state, self.config.window, lambda piece, s: run(piece, s, passes))
+        outs = outs[-1:] if last else outs
         if not outs:
             return self.embed.weight.new_zeros(tokens.shape[0], 0, self.config.vocab_size), state
         return torch.cat(outs, 1), state
@@ -148,8 +154,8 @@ class HybridLM(nn.Module):
         """`_window` under torch.utils.checkpoint: recomputed in backward."""
         return checkpoint(self._window, tokens, state, passes, use_reentrant=False)
 
-    def _window(self, tokens, state: State, passes: int):
-        return schedule.window(self, tokens, state, passes, torch.cat)
+    def _window(self, tokens, state: State, passes: int, last: bool = False):
+        return schedule.window(self, tokens, state, passes, torch.cat, last)
 
     def head(self, h):
         h = self.norm(h)

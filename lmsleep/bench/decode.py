@@ -55,8 +55,8 @@ def model_configs(preset: str = "small-rule110", *, vocab_size: int = 258, windo
 
 
 def kv_bytes(state) -> int:
-    """Bytes of the attention blocks' cached keys/values in a State."""
-    return sum(t.nbytes for c in state.caches if isinstance(c, AttentionCache) for t in c.tensors())
+    """Bytes of the attention blocks' cached keys/values in a State (the tokens held, not the free room)."""
+    return sum(t.nbytes for c in state.caches if isinstance(c, AttentionCache) for t in c.named().values())
 
 
 def stream(rt: bc.Runtime, model, contexts, *, measure: int, mode: str, chunk: int, replay: tuple[int, int],
