@@ -35,8 +35,9 @@ STEPS = 75
 BATCH = 8  # sequences per optimizer step, accumulated from micro-batches of 2
 # The `retrofit` train preset (--freeze base) adapted to a short CPU run: its bf16 autocast (this Xeon's AMX units:
 # ~1.7x float32's speed, docs/TRAINING.md), no per-window recomputation (a micro-batch of 2 peaks at ~2 GiB: memory
-# is not the limit, time is), a short warm-up; the paper's Muon 1e-3 / AdamW 5e-5 (the preset's). A first try with
-# 3x both (for a ~10x shorter run) jumped from a loss of ~6 to 9.3 at steps 7-8 as its lr rose past 2e-3.
+# is not the limit, time is), a short warm-up; the paper's Muon 1e-3 / AdamW 5e-5 (the preset's; not tuned here).
+# (A first try with 3x both showed a loss of 9.3 at steps 7-8 against ~6 before; at 1e-3 the same two steps show
+# 9.4 and 9.5: those batches are hard, the lr was not the cause.)
 SETS = {"batch_size": BATCH, "grad_accum": BATCH // 2, "warmup_steps": 10, "eval_interval": 25,
         "eval_samples": 32, "save_interval": 5, "log_interval": 1, "dtype": "bfloat16",
         "checkpoint_windows": False, "seed": 0}
