@@ -113,16 +113,17 @@ def _unstack0_vjp(primals, cotangents, outputs):
 
 
 def _step(q, k, v, g, beta, S, *, rule, scale):
-    """One step of the ref loop, q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H] float32 -> (o, S).
-
-    The decode path of "auto" for T == 1 on the CPU, mx.compile'd (`_compiled_step`): one fused
-    graph instead of the loop's unstack/stack and a dozen separately scheduled ops."""
+    """One step of the ref loop: q, k [B, 1, H, Dk], v [B, 1, H, Dv], g, beta [B, 1, H], S float32
+    -> (o [B, 1, H, Dv], S). The decode path of "auto" for T == 1 on the CPU, mx.compile'd
+    (`_compiled_step`): one fused graph instead of the loop's unstack/stack and a dozen separately
+    scheduled ops."""
+    q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]  # (B, H, D), (B, H)
     a_t, b_t = mx.exp(g)[..., None], beta[..., None]  # (B, H, 1)
     d_t = b_t * v  # (B, H, Dv)
     if rule == "delta":
         d_t = d_t - (b_t * a_t) * (S * k[..., None, :]).sum(-1)  # S k as a reduction: no tiny matmuls
     S = a_t[..., None] * S + d_t[..., :, None] * k[..., None, :]  # (B, H, Dv, Dk)
-    return (S * q[..., None, :]).sum(-1) * scale, S
+    return ((S * q[..., None, :]).sum(-1) * scale)[:, None], S
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,13 +132,11 @@ def _compiled_step(rule, scale):
     return mx.compile(functools.partial(_step, rule=rule, scale=scale))
 
 
-def _scan_step(q, k, v, g, beta, initial_state, *, rule, scale, dt):
-    """ssm_scan for T == 1 and float32 (the arguments already checked): the compiled step."""
-    B, _, H, Dk = q.shape
-    S = _initial_state(initial_state, q, v, dt)
-    step = _compiled_step(rule, float(Dk**-0.5 if scale is None else scale))
-    o, S = step(q[:, 0], k[:, 0], v[:, 0].astype(dt), g[:, 0].astype(dt), beta[:, 0].astype(dt), S)
-    return o[:, None].astype(v.dtype), S
+def _scan_step(q, k, v, g, beta, initial_state, *, rule, scale):
+    """ssm_scan for T == 1 with float32 inputs (already checked): the compiled step."""
+    S = _initial_state(initial_state, q, v, mx.float32) if initial_state is None or \
+        initial_state.dtype != mx.float32 else initial_state
+    return _compiled_step(rule, float(q.shape[-1]**-0.5 if scale is None else scale))(q, k, v, g, beta, S)
 
 
 # ----------------------------------------------------------------------------- chunk
@@ -375,8 +374,8 @@ def ssm_scan(q, k, v, g, beta, *, rule, scale=None, initial_state=None, impl="au
     (B, T, H, Dk, Dv), dt = _check(q, k, v, g, beta, rule, initial_state)
     if impl == "auto":
         use_kernel = Dk % 32 == 0 and dt == mx.float32 and _kernel_unavailable(q) is None
-        if not use_kernel and T == 1 and dt == mx.float32 and q.dtype == k.dtype == mx.float32:
-            return _scan_step(q, k, v, g, beta, initial_state, rule=rule, scale=scale, dt=dt)
+        if not use_kernel and T == 1 and all(x.dtype == mx.float32 for x in (q, k, v, g, beta)):
+            return _scan_step(q, k, v, g, beta, initial_state, rule=rule, scale=scale)
         impl = "kernel" if use_kernel else ("ref" if T == 1 else "chunk")
     args = dict(rule=rule, scale=scale, initial_state=initial_state)
     if impl == "ref":

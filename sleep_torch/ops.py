@@ -78,25 +78,22 @@ def ssm_scan_ref(q, k, v, g, beta, *, rule, scale=None, initial_state=None):
 
 
 def _step(q, k, v, g, beta, S, *, rule, scale):
-    """One step of the ref loop, q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H] float32 -> (o, S).
-
-    The decode path of "auto" for T == 1 without a GPU kernel: the loop's body, without its
-    unbind/stack (same arithmetic, same order)."""
+    """One step of the ref loop: q, k [B, 1, H, Dk], v [B, 1, H, Dv], g, beta [B, 1, H], S float32
+    -> (o [B, 1, H, Dv], S). The decode path of "auto" for T == 1 without a GPU kernel: the loop's
+    body without its unbind/stack (same arithmetic, same order)."""
+    q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]  # (B, H, D), (B, H)
     S = S * g.exp()[..., None, None]
     if rule == "delta":
         v = v - (S @ k[..., None])[..., 0]
     d = beta[..., None] * v  # (B, H, Dv)
     S = S + d[..., :, None] * k[..., None, :]
-    return (S @ q[..., None])[..., 0] * scale, S
+    return ((S @ q[..., None])[..., 0] * scale)[:, None], S
 
 
-def _scan_step(q, k, v, g, beta, initial_state, *, rule, scale, dt):
-    """ssm_scan for T == 1 and float32 (the arguments already checked): one `_step`."""
-    B, _, H, Dk = q.shape
-    S = _initial_state(initial_state, q, v, dt)
-    scale = Dk**-0.5 if scale is None else scale
-    o, S = _step(q[:, 0], k[:, 0], v[:, 0].to(dt), g[:, 0].to(dt), beta[:, 0].to(dt), S, rule=rule, scale=scale)
-    return o[:, None].to(v.dtype), S
+def _scan_step(q, k, v, g, beta, initial_state, *, rule, scale):
+    """ssm_scan for T == 1 with float32 inputs (already checked): one `_step`."""
+    S = _initial_state(initial_state, q, v, torch.float32)
+    return _step(q, k, v, g, beta, S, rule=rule, scale=q.shape[-1]**-0.5 if scale is None else scale)
 
 
 # ----------------------------------------------------------------------------- chunk
@@ -313,8 +310,8 @@ def ssm_scan(q, k, v, g, beta, *, rule, scale=None, initial_state=None, impl="au
     (B, T, H, Dk, Dv), dt = _check(q, k, v, g, beta, rule, initial_state)
     if impl == "auto":
         use_kernel = q.is_cuda and dt == torch.float32 and _kernel_unavailable(q) is None
-        if not use_kernel and T == 1 and dt == torch.float32 and q.dtype == k.dtype == torch.float32:
-            return _scan_step(q, k, v, g, beta, initial_state, rule=rule, scale=scale, dt=dt)
+        if not use_kernel and T == 1 and all(x.dtype == torch.float32 for x in (q, k, v, g, beta)):
+            return _scan_step(q, k, v, g, beta, initial_state, rule=rule, scale=scale)
         impl = "kernel" if use_kernel else ("ref" if T == 1 else "chunk")
     args = dict(rule=rule, scale=scale, initial_state=initial_state)
     if impl == "ref":
