@@ -116,10 +116,11 @@ def print_table(rows, tok) -> None:
     for name, pre, dec, _ in rows:
         print(f"| {name:30s} | {pre:16.1f} | {dec:15.1f} |")
     for (a, pa, da, oa), (b, pb, db, ob) in zip(rows[::2], rows[1::2]):
-        stops = set(tok.stop_ids)  # min_new_tokens masks the end-of-turn token: compare up to the first
-        cut = next((i + 1 for i, t in enumerate(oa) if t in stops), len(oa))
-        print(f"ratio {a} / {b}: prefill {pa / pb:.2f}, decode {da / db:.2f}; same greedy tokens "
-              f"(first {cut}): {oa[:cut] == ob[:cut]}")
+        stops = set(tok.stop_ids)  # min_new_tokens masks the end-of-turn token: compare the tokens before it
+        cut = next((i for i, t in enumerate(oa) if t in stops), len(oa))
+        same = next((i for i, (x, y) in enumerate(zip(oa[:cut], ob[:cut])) if x != y), cut)
+        print(f"ratio {a} / {b}: prefill {pa / pb:.2f}, decode {da / db:.2f}; the same greedy tokens for "
+              f"{same} of the {cut} before the end of turn")
 
 
 def memory_table(model, tok, n: int) -> None:
