@@ -104,3 +104,12 @@ def named_to_state(tensors: dict, layer_types: str, counters: dict[str, int], ca
         fields = {f: tensors.get(f"{f}.{i}") for f in cls.FIELDS}
         caches.append(cls.from_named(fields, cat) if hasattr(cls, "from_named") else cls(**fields))
     return State(caches=caches, hidden=tensors["hidden"], **{k: counters[k] for k in INT_FIELDS})
+
+
+def rotate_v1_keys(state: State, layers, version: int) -> State:
+    """Format-version-1 memory files hold attention keys unrotated: rotate them at their window positions
+    with each attention block's own table (`attn.rotated`), so the State is what version 2 stores."""
+    if version == 1:
+        state.caches = [block.attn.rotated(cache) if block.kind == "A" else cache
+                        for block, cache in zip(layers, state.caches)]
+    return state

@@ -273,9 +273,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, tokenizer: dict | None = None,
                     extra: dict | None = None) -> None:
-    """Write a training checkpoint folder (common.training.write_checkpoint) from model and optimizers.
-    With a "base" in `extra` (frozen weights that live in the init folder) only the trained tensors are
-    written; the companion files (tokenizer.json, chat template) come from model.tokenizer / chat_template."""
+    """sleep_torch.train.save_checkpoint in MLX: the weights in canonical order (only the trained ones
+    when `extra` names a frozen "base"), the optimizer state, then common.training.write_checkpoint."""
     extra = extra or {}
     keep = trainable_names(model) if tr.BASE_KEY in extra else None
     params = dict(tree_flatten(model.parameters()))

@@ -120,10 +120,7 @@ class HybridLM(nn.Module):
         device = self.embed.weight.device
         tensors = {k: v.to(device) for k, v in load_file(str(path)).items()}
         state = memory.named_to_state(tensors, self.config.layer_types, counters, torch.cat)
-        if counters["format_version"] == 1:  # keys stored unrotated: rotate them at their window positions
-            state.caches = [block.attn.rotated(cache) if block.kind == "A" else cache
-                            for block, cache in zip(self.layers, state.caches)]
-        return state
+        return memory.rotate_v1_keys(state, self.layers, counters["format_version"])
 
     # --- internals (pure: they return a new State) -----------------------------------------------
     def _passes(self, passes) -> int:

@@ -30,8 +30,8 @@ import random
 
 import numpy as np
 
-from common.tasks.base import Batch, Task, check_int, check_range, check_sample_args, json_range
-from common.tasks.recall import MAX_SEQ_LEN, Pieces, check_batch_tokens, load_tokenizer, span_hits, text_score
+from common.tasks.base import Batch, Task, check_int, check_range, json_range
+from common.tasks.recall import MAX_SEQ_LEN, Pieces, build_batch, load_tokenizer, span_hits, text_score
 
 SUBSETS = ("symbolic", "medium", "hard")
 MAX_OPS = 20
@@ -399,22 +399,7 @@ class GsmInfiniteTask(Task):
                         "nomem_derivable": derivable}
 
     def sample(self, n: int, seed: int) -> Batch:
-        n, seed = check_sample_args(self.name, n, seed)
-        check_batch_tokens(self.name, n, self.seq_len)
-        tokens = np.zeros((n, self.seq_len), np.int32)
-        rows = []
-        for i in range(n):
-            ids, info = self._example(random.Random(f"{self.name}/{self.subset}/{seed}/{i}"))
-            tokens[i] = ids
-            rows.append(info)
-        meta = {key: np.array([r[key] for r in rows]) for key in rows[0]}
-        for key in meta:
-            if meta[key].dtype.kind == "i":
-                meta[key] = meta[key].astype(np.int32)
-        loss_mask = np.zeros_like(tokens, dtype=bool)
-        for i, (s, length) in enumerate(zip(meta["answer_start"], meta["answer_len"])):
-            loss_mask[i, s: s + length] = True
-        return Batch(tokens, loss_mask, meta)
+        return build_batch(self.name, n, seed, self.seq_len, self._example, f"{self.name}/{self.subset}")
 
     def score(self, logits_or_predictions, batch: Batch) -> dict[str, float]:
         """acc: exact answers (every answer token right); acc_op{n} per op count; chance: always answering the

@@ -115,6 +115,30 @@ def check_batch_tokens(task: str, n: int, T: int):
                          "sample smaller batches")
 
 
+
+def build_batch(task: str, n: int, seed: int, seq_len: int, example, key: str) -> Batch:
+    """n examples of seq_len tokens: example(rng) -> (ids, info), rng = Random(f"{key}/{seed}/{i}"), so example i
+    depends on (seed, i) only and sample(n + 1) extends sample(n). info's lists become meta arrays (ints
+    as int32); the loss mask covers each example's answer spans (answer_start/answer_len: ints or lists)."""
+    n, seed = check_sample_args(task, n, seed)
+    check_batch_tokens(task, n, seq_len)
+    tokens = np.zeros((n, seq_len), np.int32)
+    rows = []
+    for i in range(n):
+        ids, info = example(random.Random(f"{key}/{seed}/{i}"))
+        tokens[i] = ids
+        rows.append(info)
+    meta = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    for k in meta:
+        if meta[k].dtype.kind == "i":
+            meta[k] = meta[k].astype(np.int32)
+    loss_mask = np.zeros_like(tokens, dtype=bool)
+    for i in range(n):
+        for s, length in zip(np.atleast_1d(meta["answer_start"][i]), np.atleast_1d(meta["answer_len"][i])):
+            loss_mask[i, s: s + length] = True
+    return Batch(tokens, loss_mask, meta)
+
+
 def text_score(hits: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, float]:
     """acc plus grouped accuracies {prefix: group values}, all over the same flat list of answers."""
     out = {"acc": float(hits.mean())}
@@ -327,23 +351,7 @@ class RecallTask(Task):
             "answer_len": answer_len, "chance": [1.0 / len(POOLS[a[0]]) for a in asked]}
 
     def sample(self, n: int, seed: int) -> Batch:
-        n, seed = check_sample_args(self.name, n, seed)
-        check_batch_tokens(self.name, n, self.seq_len)
-        tokens = np.zeros((n, self.seq_len), np.int32)
-        rows = []
-        for i in range(n):  # example i depends on (seed, i) only: sample(n + 1) extends sample(n)
-            ids, info = self._example(random.Random(f"{self.name}/{seed}/{i}"))
-            tokens[i] = ids
-            rows.append(info)
-        meta = {key: np.array([r[key] for r in rows]) for key in rows[0]}
-        for key in meta:
-            if meta[key].dtype.kind == "i":
-                meta[key] = meta[key].astype(np.int32)
-        loss_mask = np.zeros_like(tokens, dtype=bool)
-        for i in range(n):
-            for s, length in zip(meta["answer_start"][i], meta["answer_len"][i]):
-                loss_mask[i, s: s + length] = True
-        return Batch(tokens, loss_mask, meta)
+        return build_batch(self.name, n, seed, self.seq_len, self._example, self.name)
 
     def score(self, logits_or_predictions, batch: Batch) -> dict[str, float]:
         """acc: exact answers (every answer token right) over all questions; acc_k{k}: by windows since the
