@@ -581,7 +581,7 @@ def hub_pull(repo, out_dir, revision, force):
 
 @cli.group()
 def bench():
-    """Measure speed and memory: the SSM scan, decoding, sleep, training.
+    """Measure speed and memory: the SSM scan, decoding, sleep, training, the server.
 
     Each prints a table, writes JSON (default benchmarks/results/NAME-BACKEND[-quick].json) with the
     machine, settings, every measurement and each target met or not, and can draw a PNG.
@@ -758,6 +758,37 @@ def bench_train(presets, passes, batch, micro_batch, repeats, scan_impl, no_prof
                     passes=passes or None, batch=batch, micro_batch=micro_batch, repeats=repeats,
                     scan_impl=scan_impl, profile=not no_profile, progress=progress_echo)
     finish_bench("train", train, doc, json_out, plot)
+
+
+@bench.command(name="serve")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
+              help="Model folder to serve.  [default: a random debug-preset model with the byte tokenizer]")
+@click.option("--concurrency", "levels", multiple=True, type=POSITIVE,
+              help="Conversations at once (repeatable).  [default: 1 4 16; --quick: 1 4]")
+@click.option("--turns", type=POSITIVE, help="Turns per conversation.  [default: 10; --quick: 3]")
+@click.option("--max-tokens", type=POSITIVE, help="Reply tokens per turn.  [default: 32; --quick: 4]")
+@click.option("--parallel", default=2, show_default=True, type=POSITIVE,
+              help="Replies the server computes at once (lmsleep serve --parallel).")
+@bench_options
+@user_errors
+def bench_serve(model_dir, levels, turns, max_tokens, parallel, quick, json_out, plot, device, threads, backend):
+    """The OpenAI-compatible server on 127.0.0.1: time to first token and tokens/s at 1, 4, 16 conversations.
+
+    Each conversation is a thread sending streamed chat completions turn after turn; the table also
+    shows TTFT of turn 1 vs the last turn (a conversation kept as a State should not slow down).
+
+    \b
+    Example:
+      lmsleep bench serve --quick --plot serve.png
+    """
+    from lmsleep.bench import serve
+
+    if device != "auto":
+        raise click.BadParameter("the server loads the model on the backend's default device; leave it at auto",
+                                 param_hint="--device")
+    doc = serve.run(backend, quick=quick, model_dir=model_dir, levels=levels or None, turns=turns,
+                    max_tokens=max_tokens, parallel=parallel, threads=threads, progress=progress_echo)
+    finish_bench("serve", serve, doc, json_out, plot)
 
 
 @cli.command()

@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from lmsleep.bench import decode, scan, sleep, train
+from lmsleep.bench import decode, scan, serve, sleep, train
 from lmsleep.bench.train import step_flops, token_passes
 from lmsleep.cli import cli
 from common.config import ModelConfig
@@ -99,6 +99,7 @@ def test_flop_count():
     ("sleep", ["--passes", "1", "--passes", "2", "--window", "8"], {"passes", "sleep_ms"}),
     ("train", ["--preset", "debug", "--passes", "1", "--batch", "2", "--repeats", "1", "--no-profile"],
      {"preset", "tokens_per_s"}),
+    ("serve", ["--concurrency", "2", "--turns", "2", "--max-tokens", "2"], {"concurrency", "ttft_p50_ms"}),
 ])
 def test_cli(tmp_path, command, extra, keys):
     out = tmp_path / f"{command}.json"
@@ -117,8 +118,22 @@ def test_cli(tmp_path, command, extra, keys):
         assert "plot skipped" in result.output
 
 
+def test_serve():
+    doc = serve.run("torch", quick=True, threads=1)
+    check_doc(doc, "serve", "torch", {"concurrency", "turns", "requests", "wall_s", "tokens_per_s", "ttft_p50_ms",
+                                      "ttft_p90_ms", "ttft_turn1_ms", "ttft_last_ms", "cached_tokens"})
+    assert [r["concurrency"] for r in doc["rows"]] == [1, 4]
+    assert all(r["requests"] == r["concurrency"] * serve.QUICK["turns"] for r in doc["rows"])
+    assert len(doc["requests"]) == sum(r["requests"] for r in doc["rows"])
+    assert all(r["completion_tokens"] <= serve.QUICK["max_tokens"] for r in doc["requests"])
+    later = [r for r in doc["requests"] if r["turn"] > 1]
+    assert later and all(r["cached_tokens"] > 0 for r in later)  # later turns continue a kept State
+    assert set(doc["flat_cost"]) == {"concurrency", "ttft_turn1_ms", "ttft_last_ms", "ratio"}
+    assert len(doc["targets"]) == 1
+
+
 def test_cli_help_and_user_errors():
-    for command in ("scan", "decode", "sleep", "train"):
+    for command in ("scan", "decode", "sleep", "train", "serve"):
         result = CliRunner().invoke(cli, ["bench", command, "--help"])
         assert result.exit_code == 0 and "Example" in result.output
     result = CliRunner().invoke(cli, ["bench", "scan", "--backend", "torch", "--device", "tpu"])
