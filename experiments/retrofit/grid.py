@@ -19,7 +19,8 @@ Unloaded, `python -m experiments.retrofit.measure` gives 2.9 s per sequence in f
 alike: the second pass runs only the looped blocks over the context windows, and backward through it is short),
 i.e. about half the loaded times. STEPS = 75 at ~50 s: ~1 hour for N = 2 on the loaded box (~30 min unloaded),
 plus 3 in-training evaluations of 32 examples and the final sleep-eval (forward only, ~10 min); both runs at
-once on the two cores.
+once on the two cores. The run in docs/RESULTS.md took 27 and 31 min (21.4 and 24.5 s per step with its
+evaluations: the load fell during it) and 8 min of sleep-eval.
 """
 
 from __future__ import annotations
