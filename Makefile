@@ -17,7 +17,7 @@ else
   EXTRAS    := torch,mlx,plot,hf,dev
 endif
 
-.PHONY: demo test test-slow experiments clean
+.PHONY: demo test test-slow experiments chat clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/lmsleep demo
+
+# Chat with the bundled SmolLM2-135M-Instruct retrofitted into a sleeping hybrid (made once, ~11 s).
+chat: $(STAMP)
+	test -f runs/smol/config.json || $(VENV)/bin/lmsleep retrofit smollm2-135m-instruct runs/smol --window 256 --passes 2
+	$(VENV)/bin/lmsleep chat runs/smol
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q --durations=15
