@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import os
 import platform
 import sys
 from typing import Any, Callable, ContextManager
@@ -102,6 +103,30 @@ def apple_silicon() -> bool:
 
 def _never() -> bool:
     return False
+
+
+# --- CPU threads on a shared machine ---------------------------------------------------------------------
+
+def cpus_usable() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets), else os.cpu_count()."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_thread_policy(environ=os.environ) -> dict[str, str]:
+    """The CLI's default OpenMP threads; call it before torch is first imported (OpenMP reads them once).
+
+    Unless the user set OMP_NUM_THREADS: one thread when the affinity mask holds 2 CPUs or fewer (more
+    CPUs: OpenMP's default, one per CPU of the mask). On a 2-core machine sharing its CPUs with one other
+    busy process, torch's 2 threads wait on each other at every op (a small-rule110 training step 0.57 s
+    vs 0.20 s on 1 thread), while alone 2 threads gained little (0.12-0.19 s vs 0.17 s): docs/BENCHMARKS.md
+    section 6. OMP_WAIT_POLICY is left alone: PASSIVE halved the shared-CPU loss but made the step 2.5x
+    slower alone. Returns what it set; OMP_NUM_THREADS=2 (or `--threads 2` in the benchmarks) overrides."""
+    if "OMP_NUM_THREADS" in environ or cpus_usable() > 2:
+        return {}
+    environ["OMP_NUM_THREADS"] = "1"
+    return {"OMP_NUM_THREADS": "1"}
 
 
 # --- torch ---------------------------------------------------------------------------------------------

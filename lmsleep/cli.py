@@ -604,7 +604,8 @@ def bench_options(fn):
         click.option("--plot", type=click.Path(dir_okay=False),
                      help="Also draw the results as a PNG (needs matplotlib)."),
         click.option("--device", default="auto", show_default=True, help=device_help()),
-        click.option("--threads", type=POSITIVE, help="torch intra-op threads (default: one per core)."),
+        click.option("--threads", type=POSITIVE, help="torch intra-op threads (default: 1 where 2 CPUs or fewer are usable, else one per CPU; "
+                          "OMP_NUM_THREADS sets it too)."),
     ]):
         fn = option(fn)
     return backend_option(fn)
@@ -858,6 +859,9 @@ def sleep_eval_(task, task_args, retrofit_dir, trained, base, passes, n, seed, j
 
 
 def main():
+    from common.backends import cpu_thread_policy
+
+    cpu_thread_policy()  # before any command imports torch: 1 thread on a 2-CPU machine
     cli(prog_name="lmsleep")
 
 

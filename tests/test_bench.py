@@ -128,8 +128,19 @@ def test_serve():
     assert all(r["completion_tokens"] <= serve.QUICK["max_tokens"] for r in doc["requests"])
     later = [r for r in doc["requests"] if r["turn"] > 1]
     assert later and all(r["cached_tokens"] > 0 for r in later)  # later turns continue a kept State
-    assert set(doc["flat_cost"]) == {"concurrency", "ttft_turn1_ms", "ttft_last_ms", "ratio"}
+    assert set(doc["flat_cost"]) == {"concurrency", "ttft_turn1_ms", "ttft_turn2_ms", "ttft_last_ms", "ratio"}
     assert len(doc["targets"]) == 1
+
+
+def test_cpu_thread_policy(monkeypatch):
+    from common import backends
+
+    for usable, env, chosen in [(2, {}, {"OMP_NUM_THREADS": "1"}), (1, {}, {"OMP_NUM_THREADS": "1"}), (8, {}, {}),
+                                (2, {"OMP_NUM_THREADS": "2"}, {})]:  # the user's setting wins
+        monkeypatch.setattr(backends, "cpus_usable", lambda: usable)
+        environ = dict(env)
+        assert backends.cpu_thread_policy(environ) == chosen
+        assert environ == {**env, **chosen}
 
 
 def test_cli_help_and_user_errors():
