@@ -219,6 +219,16 @@ def check_init_config(ft: FineTune, mc: ModelConfig) -> None:
                          "only fields such as window, eviction and sleep_passes may differ from the folder's")
 
 
+def frozen_base_weights(folder, config: ModelConfig, trainable, load):
+    """The trained tensors of a frozen-base checkpoint (`load(path)` -> {name: tensor}), checked to be
+    exactly them; None for a checkpoint that holds every weight."""
+    if BASE_KEY not in read_json_file(Path(folder) / CONFIG_FILE, "config.json"):
+        return None
+    saved = load(Path(folder) / WEIGHTS_FILE)
+    check_checkpoint_weights(folder, config, {n: tuple(t.shape) for n, t in saved.items()}, trainable)
+    return saved
+
+
 def check_checkpoint_weights(folder, config: ModelConfig, shapes: dict, trainable) -> None:
     """Refuse a checkpoint's weights that are not exactly the trained tensors (all of them when nothing
     is frozen) with their shapes (CheckpointError naming the tensor)."""

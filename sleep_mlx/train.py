@@ -286,18 +286,11 @@ def save_checkpoint(folder, model: HybridLM, optimizers: dict, state: dict, *, t
 
 
 def load_checkpoint(folder, model: HybridLM, optimizers: dict) -> dict:
-    """Load a training checkpoint into model and optimizers in place; returns trainer_state.json
-    (ValueError for another backend's checkpoint: convert/ converts it). A checkpoint of frozen-base
-    training holds the trained tensors only: the others stay as the model holds them (the init folder's,
-    checked by common.training.check_base on resume)."""
+    """sleep_torch.train.load_checkpoint in MLX: weights (a frozen-base checkpoint's trained tensors over
+    the model's own), optimizer state; returns trainer_state.json."""
     state, opt_doc = tr.read_checkpoint(folder, BACKEND)
-    if tr.BASE_KEY in ckpt.read_json_file(Path(folder) / ckpt.CONFIG_FILE, "config.json"):
-        saved = mx.load(str(Path(folder) / ckpt.WEIGHTS_FILE))
-        tr.check_checkpoint_weights(folder, model.config, {n: tuple(t.shape) for n, t in saved.items()},
-                                    trainable_names(model))
-        model.load_arrays({**dict(tree_flatten(model.parameters())), **saved})
-    else:
-        model.load_arrays(read_tensors(folder)[1])
+    saved = tr.frozen_base_weights(folder, model.config, trainable_names(model), lambda path: mx.load(str(path)))
+    model.load_arrays(read_tensors(folder)[1] if saved is None else {**dict(tree_flatten(model.parameters())), **saved})
     load_optimizer_state(model, optimizers, mx.load(str(Path(folder) / tr.OPTIMIZER_FILE)), opt_doc)
     return state
 

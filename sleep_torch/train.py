@@ -301,13 +301,9 @@ def load_checkpoint(folder, model: HybridLM, optimizers: dict) -> dict:
     training holds the trained tensors only: the others stay as the model holds them (the init folder's,
     checked by common.training.check_base on resume)."""
     state, opt_doc = tr.read_checkpoint(folder, BACKEND)
-    if tr.BASE_KEY in ckpt.read_json_file(Path(folder) / ckpt.CONFIG_FILE, "config.json"):
-        saved = load_file(str(Path(folder) / ckpt.WEIGHTS_FILE))
-        tr.check_checkpoint_weights(folder, model.config, {n: tuple(t.shape) for n, t in saved.items()},
-                                    trainable_names(model))
-        model.load_arrays({**{n: p.detach() for n, p in model.named_parameters()}, **saved})
-    else:
-        model.load_arrays(read_tensors(folder)[1])
+    saved = tr.frozen_base_weights(folder, model.config, trainable_names(model), lambda path: load_file(str(path)))
+    current = {n: p.detach() for n, p in model.named_parameters()} if saved is not None else None
+    model.load_arrays(read_tensors(folder)[1] if saved is None else {**current, **saved})
     tensors = {n: t.to(model.embed.weight.device) for n, t in load_file(str(Path(folder) / tr.OPTIMIZER_FILE)).items()}
     load_optimizer_state(model, optimizers, tensors, opt_doc)
     return state
