@@ -264,13 +264,13 @@ def plots(res: dict, out: Path) -> list[Path]:
 BEGIN, END = "<!-- BEGIN experiments.report -->", "<!-- END experiments.report -->"
 
 
-def splice(path: Path, text: str) -> None:
-    """Replace what stands between the BEGIN and END marker lines of `path` by `text`."""
+def splice(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what stands between the `begin` and `end` marker lines of `path` by `text`."""
     doc = path.read_text()
-    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
-        raise SystemExit(f"error: {path} needs one {BEGIN!r} line followed by one {END!r} line")
-    head, rest = doc.split(BEGIN)
-    path.write_text(head + BEGIN + "\n\n" + text + "\n" + END + rest.split(END)[1])
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise SystemExit(f"error: {path} needs one {begin!r} line followed by one {end!r} line")
+    head, rest = doc.split(begin)
+    path.write_text(head + begin + "\n\n" + text + "\n" + end + rest.split(end)[1])
 
 
 def main(args=None) -> int:

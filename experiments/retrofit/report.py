@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from common.training import read_metrics
+from experiments.report import splice
 from experiments.retrofit import grid
 from experiments.retrofit.grid import command, retrofit_argv, runs, sleep_eval_argv
 from lmsleep.sleepeval import markdown_table
@@ -61,15 +62,6 @@ def section(root: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def splice(path: Path, text: str) -> None:
-    """Replace what stands between the BEGIN and END marker lines of `path` by `text`."""
-    doc = path.read_text()
-    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
-        raise SystemExit(f"error: {path} needs one {BEGIN!r} line followed by one {END!r} line")
-    head, rest = doc.split(BEGIN)
-    path.write_text(head + BEGIN + "\n\n" + text + "\n" + END + rest.split(END)[1])
-
-
 def main(args=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.retrofit.report", description=__doc__.split("\n")[0])
     p.add_argument("--root", default=ROOT, help=f"the runs (default {ROOT})")
@@ -78,7 +70,7 @@ def main(args=None) -> int:
     text = section(a.root)
     print(text)
     if a.into:
-        splice(Path(a.into), text)
+        splice(Path(a.into), text, BEGIN, END)
     return 0
 
 

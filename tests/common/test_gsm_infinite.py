@@ -229,6 +229,7 @@ def test_bad_parameters_one_line(params, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # the real SmolLM2 tokenizer (read from the 98 MB GGUF)
 def test_smollm2_tokenizer_lengths():
     tok = smollm2_tokenizer()
     for subset in ("symbolic", "medium", "hard"):

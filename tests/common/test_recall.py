@@ -229,6 +229,7 @@ def test_sample_bounds():
         task.sample(10**6, seed=0)
 
 
+@pytest.mark.slow  # the real SmolLM2 tokenizer (read from the 98 MB GGUF)
 def test_smollm2_tokenizer_lengths():
     tok = smollm2_tokenizer()
     task = make("recall", window=64, k=[1, 3], facts=[1, 3], hops=[1, 2], tokenizer=tok)

@@ -85,6 +85,7 @@ def until_stop(tokens, stops) -> list[int]:
 
 # ---------------------------------------------------------------- fast
 
+@pytest.mark.slow  # the real 135M model: retrofit ~10-17 s, then its forward passes
 def test_retrofit_plan_of_the_bundled_model(smol):
     folder, report = smol
     assert report["inserted"] == [8, 11, 14, 17, 20, 23, 26, 29]  # round(30 / 4) SSM blocks over layers [7, 23)
@@ -94,6 +95,7 @@ def test_retrofit_plan_of_the_bundled_model(smol):
                                                   "chat_template.jinja"}
 
 
+@pytest.mark.slow  # the real 135M model: retrofit ~10-17 s, then its forward passes
 def test_greedy_chat_reply_names_paris(smol, smol_model):
     """Greedy reply (measured): 'The capital of France is Paris.' then <|im_end|>."""
     folder, _ = smol
@@ -105,6 +107,7 @@ def test_greedy_chat_reply_names_paris(smol, smol_model):
     assert "Paris" in reply, reply
 
 
+@pytest.mark.slow  # the real 135M model: retrofit ~10-17 s, then its forward passes
 def test_chat_over_several_windows_keeps_the_state_bounded(smol):
     """Hard eviction with a window of 32: the folder is loaded again with config.window = 32 rather than
     retrofitted again (the schedule reads config.window at run time; the attention mask's window, set at

@@ -117,6 +117,7 @@ def test_smollm2_known_ids_and_specials(smollm2_source):
     assert tok.token_to_id("<|endoftext|>") == 0
 
 
+@pytest.mark.slow  # the real SmolLM2 tokenizer (read from the 98 MB GGUF)
 def test_smollm2_equals_transformers(smollm2_path, smollm2_source):
     """Every string: equal to transformers' GGUF tokenizer once that one splits digits first (transformers 5.24 has
     no "smollm" entry and falls back to the plain GPT-2 regex); without the fix the two differ only where a
