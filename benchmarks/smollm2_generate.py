@@ -165,7 +165,7 @@ def main() -> None:
     gguf, folder = bundled_path("smollm2-135m-instruct"), Path(args.folder)
     if not (folder / "config.json").is_file():
         retrofit("smollm2-135m-instruct", folder, window=256, passes=2)
-    ours = sleep_torch.load(folder).eval()
+    ours = sleep_torch.load(folder).for_inference()
     tok = ours.tokenizer
     template = ChatTemplate((folder / "chat_template.jinja").read_text(), **tok.special_tokens())
     prompt = tok.encode(template.render([{"role": "user", "content": QUESTION}], add_generation_prompt=True))
@@ -187,7 +187,7 @@ def main() -> None:
         del plain
         transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp.name)
         mlx_model, _ = importlib.import_module("mlx_lm").load(tmp.name)
-        pairs += [("lm-sleep generate (MLX)", lmsleep_mlx, sleep_mlx.load(folder)),
+        pairs += [("lm-sleep generate (MLX)", lmsleep_mlx, sleep_mlx.load(folder).for_inference()),
                   ("mlx-lm generate_step", mlxlm, mlx_model)]
     rows = compare(pairs, prompt, args.tokens, args.rounds)
     print(f"SmolLM2-135M-Instruct float32 on CPU, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "

@@ -155,12 +155,13 @@ def write_json(rows, path) -> None:
 
 
 def load_for_generation(backend: str, model_dir, dtype=None):
-    """(backend namespace, model, tokenizer) for generate/chat; a folder without a tokenizer is refused."""
+    """(backend namespace, model, tokenizer) for generate/chat/serve, the model laid out for decoding
+    (HybridLM.for_inference); a folder without a tokenizer is refused."""
     b = load_backend(backend)
     model = b.load(model_dir, dtype=dtype) if dtype else b.load(model_dir)
     if model.tokenizer is None:
         raise ValueError(f"{model_dir}: no tokenizer in config.json (train with `lmsleep train` to get one)")
-    return b, model, model.tokenizer
+    return b, model.for_inference(), model.tokenizer
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

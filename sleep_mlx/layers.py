@@ -30,6 +30,67 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
+class LinearPack:
+    """Linear layers that read the same input, as one matrix product (inference).
+
+    Mirror of sleep_torch.layers.LinearPack. Until `pack` the layers run one by one. `pack` puts their
+    weights (and biases) into one array and makes each parameter a view of its part (no extra memory);
+    `transposed` stores it as [in, sum of outs], where mlx[cpu]'s products run about 2x faster at every
+    length (docs/BENCHMARKS.md section 5), so FUSED_MAX_TOKENS is None (no limit) here. Once a
+    parameter is replaced (`update`, an optimizer step, `load_arrays`) the pack is let go and the layers
+    run one by one again. Quantized layers are left as they are.
+    """
+
+    FUSED_MAX_TOKENS = None
+
+    def __init__(self, owner: nn.Module, *names: str):
+        self.owner, self.names = owner, names  # by name: a module replaced later (nn.quantize) is seen
+        self.weight = self.bias = self.transposed = self._ptrs = None
+        self.sizes = [layer.weight.shape[0] for layer in self.linears]
+
+    @property
+    def linears(self) -> list:
+        return [getattr(self.owner, name) for name in self.names]
+
+    def _pointers(self):
+        return [p for layer in self.linears for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
+
+    def _valid(self) -> bool:
+        """Packed, and every parameter still a view of the array (else the array is let go)."""
+        if self._ptrs is not None and any(a is not b for a, b in zip(self._pointers(), self._ptrs)):
+            self.weight = self.bias = self._ptrs = None
+        return self._ptrs is not None
+
+    def pack(self, transposed: bool = False) -> None:
+        if any(type(layer) is not nn.Linear for layer in self.linears):
+            return  # quantized layers (io._load_quantized) keep their own packed format
+        rows = mx.concatenate([layer.weight for layer in self.linears])  # [sum of outs, in]
+        self.weight = mx.contiguous(rows.T) if transposed else rows
+        start = 0
+        for layer, n in zip(self.linears, self.sizes):
+            layer.weight = self.weight[:, start:start + n].T if transposed else self.weight[start:start + n]
+            start += n
+        if "bias" in self.linears[0]:
+            self.bias = mx.concatenate([layer.bias for layer in self.linears])
+            start = 0
+            for layer, n in zip(self.linears, self.sizes):
+                layer.bias, start = self.bias[start:start + n], start + n
+        self.transposed = transposed
+        self._ptrs = self._pointers()
+        mx.eval(self._ptrs, self.weight)
+
+    def __call__(self, x) -> list:
+        """Each layer's output, in order (parts of one product's output when packed)."""
+        limit = self.FUSED_MAX_TOKENS
+        if (limit is not None and x.size > limit * x.shape[-1]) or not self._valid():
+            return [layer(x) for layer in self.linears]
+        y = x @ self.weight if self.transposed else x @ self.weight.T
+        if self.bias is not None:
+            y = y + self.bias
+        cuts = [sum(self.sizes[:i]) for i in range(1, len(self.sizes))]
+        return mx.split(y, cuts, -1)
+
+
 def rotary(x, positions, inv_freq):
     """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angle position * inv_freq[i] ("rotate_half").
 
@@ -80,6 +141,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
         self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self.qkv, self.out = LinearPack(self, "q_proj", "k_proj", "v_proj"), LinearPack(self, "o_proj")
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
@@ -111,9 +173,10 @@ class Attention(nn.Module):
         Returns (out [B, T, d], cache with the new tokens' keys/values when `store`, else None).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self._cos_sin(start, T)
@@ -136,7 +199,7 @@ class Attention(nn.Module):
                                                    values.transpose(0, 2, 1, 3), scale=self.head_dim ** -0.5,
                                                    mask=mask)  # GQA native
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, H*D)
-        return self.o_proj(out), (cache if store else None)
+        return self.out(out)[0], (cache if store else None)
 
     def _append(self, cache: AttentionCache, held: int, k, v) -> AttentionCache:
         """The cache with k, v [B, T, H_kv, D] written at slots held..held+T-1."""
@@ -220,6 +283,8 @@ class SSMMixer(nn.Module):
         self.b_proj = nn.Linear(c.d_model, self.H, bias=False)
         self.g_proj = nn.Linear(c.d_model, dv, bias=False)
         self.o_proj = nn.Linear(dv, c.d_model, bias=False)
+        self.inputs = LinearPack(self, "q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj")
+        self.out = LinearPack(self, "o_proj")
         if c.conv_size:
             self.q_conv = ShortConv(dk, c.conv_size)
             self.k_conv = ShortConv(dk, c.conv_size)
@@ -239,7 +304,8 @@ class SSMMixer(nn.Module):
         Returns (out [B, T, d], new state, new conv tail or None).
         """
         B, T, _ = x.shape
-        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)  # (B, T, 2*dk + dv)
+        q, k, v, b, a, gate = self.inputs(x)
+        qkv = mx.concatenate([q, k, v], -1)  # (B, T, 2*dk + dv)
         if self.conv_size:
             if conv_tail is None:
                 conv_tail = mx.zeros((B, self.conv_size - 1, qkv.shape[-1]), dtype=qkv.dtype)
@@ -250,13 +316,12 @@ class SSMMixer(nn.Module):
         q = l2_normalize(qkv[..., :dk].reshape(B, T, self.H, self.Dk))
         k = l2_normalize(qkv[..., dk:2 * dk].reshape(B, T, self.H, self.Dk))
         v = qkv[..., 2 * dk:].reshape(B, T, self.H, self.Dv)
-        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))  # (B, T, H)
-        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
-            self.a_proj(x).astype(mx.float32) + self.dt_bias.astype(mx.float32))
+        beta = mx.sigmoid(b.astype(mx.float32))  # (B, T, H)
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + self.dt_bias.astype(mx.float32))
         o, state = ops.ssm_scan(q, k, v, g, beta, rule=self.rule, initial_state=state, impl=self.scan_impl)
         o = self.o_norm(o)  # per head over Dv, one weight shared by all heads
-        y = o.reshape(B, T, -1) * nn.silu(self.g_proj(x))
-        return self.o_proj(y), state, conv_tail
+        y = o.reshape(B, T, -1) * nn.silu(gate)
+        return self.out(y)[0], state, conv_tail
 
 
 class MLP(nn.Module):
@@ -265,9 +330,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+        self.gate_up, self.down = LinearPack(self, "gate_proj", "up_proj"), LinearPack(self, "down_proj")
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down(nn.silu(gate) * up)[0]
 
 
 class Block(nn.Module):

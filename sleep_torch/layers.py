@@ -25,8 +25,70 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 == self.weight.dtype:  # one fused op, the same arithmetic in float32
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LinearPack:
+    """Linear layers that read the same input, as one matrix product when that is faster (inference).
+
+    Until `pack` the layers run one by one (training, and every model by default). `pack` moves their
+    weights (and biases) into one buffer and makes each parameter a view of its part, so the packed
+    product costs no extra memory and sees every later write through the parameters (`load_arrays`, an
+    optimizer step). `transposed` stores the buffer as [in, sum of outs]: MKL's one-token product runs
+    up to 1.9x faster in that layout when the outputs outnumber the inputs, while its multi-token
+    products are faster in the default one (docs/BENCHMARKS.md section 5), so the packed product runs
+    for inputs of at most FUSED_MAX_TOKENS tokens without autograd; otherwise (a prompt, training, or
+    after `module.to(...)` gave the parameters new storage) the layers run one by one on their
+    parameters, whatever their layout.
+    """
+
+    FUSED_MAX_TOKENS = 1
+
+    def __init__(self, owner: nn.Module, *names: str):
+        self.owner, self.names = owner, names  # by name: a module replaced later (nn.quantize) is seen
+        self.weight = self.bias = self.transposed = self._ptrs = None
+        self.sizes = [layer.out_features for layer in self.linears]
+
+    @property
+    def linears(self) -> list:
+        return [getattr(self.owner, name) for name in self.names]
+
+    def _pointers(self):
+        return [p.data_ptr() for layer in self.linears for p in (layer.weight, layer.bias) if p is not None]
+
+    def _valid(self) -> bool:
+        """Packed, and every parameter still a view of the buffer (else the buffer is let go)."""
+        if self._ptrs is not None and self._pointers() != self._ptrs:
+            self.weight = self.bias = self._ptrs = None
+        return self._ptrs is not None
+
+    def pack(self, transposed: bool = False) -> None:
+        with torch.no_grad():
+            rows = torch.cat([layer.weight.detach() for layer in self.linears])  # [sum of outs, in]
+            self.weight = rows.t().contiguous() if transposed else rows
+            start = 0
+            for layer, n in zip(self.linears, self.sizes):
+                layer.weight.data = self.weight[:, start:start + n].t() if transposed else self.weight[start:start + n]
+                start += n
+            if self.linears[0].bias is not None:
+                self.bias = torch.cat([layer.bias.detach() for layer in self.linears])
+                start = 0
+                for layer, n in zip(self.linears, self.sizes):
+                    layer.bias.data, start = self.bias[start:start + n], start + n
+        self.transposed = transposed
+        self._ptrs = self._pointers()
+
+    def __call__(self, x) -> list:
+        """Each layer's output, in order (views of one product's output when packed)."""
+        if x.numel() > self.FUSED_MAX_TOKENS * x.shape[-1] or torch.is_grad_enabled() or not self._valid():
+            return [layer(x) for layer in self.linears]
+        y = x @ self.weight if self.transposed else F.linear(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return list(y.split(self.sizes, -1))
 
 
 def rotary(x, positions, inv_freq):
@@ -76,6 +138,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
         self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.attn_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self.qkv, self.out = LinearPack(self, "q_proj", "k_proj", "v_proj"), LinearPack(self, "o_proj")
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
@@ -108,9 +171,10 @@ class Attention(nn.Module):
         Returns (out [B, T, d], cache with the new tokens' keys/values when `store`, else None).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self._cos_sin(start, T)
@@ -132,7 +196,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        return self.o_proj(out), (cache if store else None)
+        return self.out(out)[0], (cache if store else None)
 
     def _append(self, cache: AttentionCache, held: int, k, v) -> AttentionCache:
         """The cache with k, v [B, T, H_kv, D] written at slots held..held+T-1."""
@@ -223,6 +287,8 @@ class SSMMixer(nn.Module):
         self.b_proj = nn.Linear(c.d_model, self.H, bias=False)
         self.g_proj = nn.Linear(c.d_model, dv, bias=False)
         self.o_proj = nn.Linear(dv, c.d_model, bias=False)
+        self.inputs = LinearPack(self, "q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj")
+        self.out = LinearPack(self, "o_proj")
         if c.conv_size:
             self.q_conv = ShortConv(dk, c.conv_size)
             self.k_conv = ShortConv(dk, c.conv_size)
@@ -242,7 +308,8 @@ class SSMMixer(nn.Module):
         Returns (out [B, T, d], new state, new conv tail or None).
         """
         B, T, _ = x.shape
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)  # (B, T, 2*dk + dv)
+        q, k, v, b, a, gate = self.inputs(x)
+        qkv = torch.cat([q, k, v], -1)  # (B, T, 2*dk + dv)
         if self.conv_size:
             if conv_tail is None:
                 conv_tail = qkv.new_zeros(B, self.conv_size - 1, qkv.shape[-1])
@@ -253,12 +320,12 @@ class SSMMixer(nn.Module):
         q = l2_normalize(qkv[..., :dk].reshape(B, T, self.H, self.Dk))
         k = l2_normalize(qkv[..., dk:2 * dk].reshape(B, T, self.H, self.Dk))
         v = qkv[..., 2 * dk:].reshape(B, T, self.H, self.Dv)
-        beta = torch.sigmoid(self.b_proj(x).float())  # (B, T, H)
-        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(b.float())  # (B, T, H)
+        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
         o, state = ops.ssm_scan(q, k, v, g, beta, rule=self.rule, initial_state=state, impl=self.scan_impl)
         o = self.o_norm(o)  # per head over Dv, one weight shared by all heads
-        y = o.reshape(B, T, -1) * F.silu(self.g_proj(x))
-        return self.o_proj(y), state, conv_tail
+        y = o.reshape(B, T, -1) * F.silu(gate)
+        return self.out(y)[0], state, conv_tail
 
 
 class MLP(nn.Module):
@@ -267,9 +334,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+        self.gate_up, self.down = LinearPack(self, "gate_proj", "up_proj"), LinearPack(self, "down_proj")
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)[0]
 
 
 class Block(nn.Module):
