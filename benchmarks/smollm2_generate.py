@@ -2,13 +2,15 @@
 (torch) and mlx-lm (MLX), side by side in one process.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.smollm2_generate [--folder runs/smol] [--tokens 32]
-        [--rounds 3] [--mlx] [--memory 1024]
+        [--rounds 3] [--mlx] [--llama-cpp] [--memory 1024]
 
 Everything runs float32 on the CPU with the same thread count: lm-sleep's `generate` (torch) on the
 retrofitted folder (retrofitted here first when --folder is missing) against transformers' `generate`
 on its own GGUF load of the same file (do_sample=False, DynamicCache, no eviction); with --mlx also
 lm-sleep's MLX backend against mlx-lm's `generate_step` on a Hugging Face folder that transformers
-writes from the same GGUF load (save_pretrained into a temporary folder). The machine is shared, so
+writes from the same GGUF load (save_pretrained into a temporary folder); with --llama-cpp also llama.cpp
+(llama-cpp-python, benchmarks only: it compiles llama.cpp for ~15 min) on the Q4_1 file itself, a
+reference with other (4-bit) weights, listed last and compared with nothing. The machine is shared, so
 the contenders alternate within every round (A, B, A, B, ...) and the table reports the median over
 rounds. Prefill = the chat-templated prompt up to the first generated token, as a user of `generate`
 sees it; decode = the following greedy tokens one at a time.
@@ -92,6 +94,16 @@ def mlxlm(model, prompt_ids: list[int], n: int):
     return t1 - t0, time.perf_counter() - t1, out
 
 
+def llamacpp(llm, prompt_ids: list[int], n: int):
+    """llama.cpp (llama-cpp-python) on the Q4_1 GGUF file itself: greedy (top_k = 1)."""
+    t0 = time.perf_counter()
+    it = llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True)
+    out = [next(it)]
+    t1 = time.perf_counter()
+    out += [next(it) for _ in range(n - 1)]
+    return t1 - t0, time.perf_counter() - t1, out
+
+
 # --- the run -------------------------------------------------------------------------------------------
 
 def compare(pairs, prompt, n: int, rounds: int) -> list[tuple[str, float, float, list[int]]]:
@@ -152,6 +164,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens after the prompt")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
     ap.add_argument("--mlx", action="store_true", help="also lm-sleep MLX vs mlx-lm (mlx[cpu])")
+    ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp on the Q4_1 file (llama-cpp-python)")
     ap.add_argument("--memory", type=int, default=0, help="stream this many tokens for the memory table")
     args = ap.parse_args()
     import torch
@@ -189,6 +202,12 @@ def main() -> None:
         mlx_model, _ = importlib.import_module("mlx_lm").load(tmp.name)
         pairs += [("lm-sleep generate (MLX)", lmsleep_mlx, sleep_mlx.load(folder).for_inference()),
                   ("mlx-lm generate_step", mlxlm, mlx_model)]
+    if args.llama_cpp:  # a reference beside the pairs: other weights (4-bit), its own kernels
+        from llama_cpp import Llama
+
+        pairs += [("llama.cpp on the Q4_1 file", llamacpp,
+                   Llama(model_path=str(gguf), n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                         n_ctx=512, n_batch=512, verbose=False))]
     rows = compare(pairs, prompt, args.tokens, args.rounds)
     print(f"SmolLM2-135M-Instruct float32 on CPU, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"prompt {len(prompt)} tokens, {args.tokens} greedy tokens, median of {args.rounds} alternating rounds, "

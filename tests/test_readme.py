@@ -64,6 +64,18 @@ def test_readme_retrofit_session_runs(tmp_path, monkeypatch, tiny_gguf):
         result = CliRunner().invoke(cli, args, input=stdin)
         assert result.exit_code == 0, f"{line}\n{result.output}"
     assert Path("runs/smol/chat_template.jinja").is_file()
+    # the README's Python generation snippet prints what `lmsleep generate` prints for the same prompt
+    import contextlib
+    import io
+
+    snippet = re.search(r"<!-- generate-python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "README.md", "exec"), {})
+    cli_run = CliRunner().invoke(cli, ["generate", "runs/smol", "--prompt", "The capital of France is",
+                                       "--max-tokens", "8", "--backend", "torch"])
+    assert cli_run.exit_code == 0 and printed.getvalue().strip()
+    assert printed.getvalue().strip() in cli_run.output
 
 
 def test_readme_serve_session_runs(tmp_path, tiny_gguf):
