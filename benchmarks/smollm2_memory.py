@@ -42,12 +42,11 @@ def child(contender: str, folder: str, n: int) -> dict:
     import torch
 
     import sleep_torch
-    from common.checkpoint import read_config
-    from common.tokenizers import tokenizer_from_dict
+    from common.tasks.recall import load_tokenizer
     from convert.sources import bundled_path
 
     torch.set_num_threads(1)
-    tok = tokenizer_from_dict(read_config(folder)[1]["tokenizer"], folder)
+    tok = load_tokenizer("smollm2_memory", None, folder)
     ids = tok.encode(TEXT * (n // 20 + 1))[:n]
     if contender == "transformers":
         import transformers

@@ -34,36 +34,43 @@ class LinearPack:
     """Linear layers that read the same input, as one matrix product (inference).
 
     Mirror of sleep_torch.layers.LinearPack. Until `pack` the layers run one by one. `pack` puts their
-    weights (and biases) into one array and makes each parameter a view of its part (no extra memory);
-    `transposed` stores it as [in, sum of outs], where mlx[cpu]'s products run about 2x faster at every
-    length (docs/BENCHMARKS.md section 5), so FUSED_MAX_TOKENS is None (no limit) here. Once a
-    parameter is replaced (`update`, an optimizer step, `load_arrays`) the pack is let go and the layers
-    run one by one again. Quantized layers are left as they are.
+    weights (and biases) into one array and makes each parameter a view of its part (no extra memory).
+    mlx[cpu]'s products run about 2x faster with the array stored transposed, [in, sum of outs], for
+    every shape and length (docs/BENCHMARKS.md section 5), so here TRANSPOSE_RATIO is 0 (always) and
+    FUSED_MAX_TOKENS None (no limit). Once a parameter is replaced (`update`, an optimizer step,
+    `load_arrays`) the pack is let go and the layers run one by one again. Quantized layers are left
+    as they are.
     """
 
     FUSED_MAX_TOKENS = None
+    TRANSPOSE_RATIO = 0
 
     def __init__(self, owner: nn.Module, *names: str):
         self.owner, self.names = owner, names  # by name: a module replaced later (nn.quantize) is seen
-        self.weight = self.bias = self.transposed = self._ptrs = None
+        self.weight = self.bias = self.transposed = self._storage = None
         self.sizes = [layer.weight.shape[0] for layer in self.linears]
+        self.cuts = [sum(self.sizes[:i]) for i in range(1, len(self.sizes))]  # mx.split's indices
 
     @property
     def linears(self) -> list:
         return [getattr(self.owner, name) for name in self.names]
 
-    def _pointers(self):
+    def _parameters(self):
+        """What identifies the parameters' storage (the arrays themselves: MLX replaces, never writes)."""
         return [p for layer in self.linears for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
 
     def _valid(self) -> bool:
         """Packed, and every parameter still a view of the array (else the array is let go)."""
-        if self._ptrs is not None and any(a is not b for a, b in zip(self._pointers(), self._ptrs)):
-            self.weight = self.bias = self._ptrs = None
-        return self._ptrs is not None
+        if self._storage is not None and any(a is not b for a, b in zip(self._parameters(), self._storage)):
+            self.weight = self.bias = self._storage = None
+        return self._storage is not None
 
-    def pack(self, transposed: bool = False) -> None:
+    def pack(self) -> None:
         if any(type(layer) is not nn.Linear for layer in self.linears):
             return  # quantized layers (io._load_quantized) keep their own packed format
+        transposed = sum(self.sizes) >= self.TRANSPOSE_RATIO * self.linears[0].weight.shape[1]
+        if not transposed and len(self.sizes) == 1:
+            return
         rows = mx.concatenate([layer.weight for layer in self.linears])  # [sum of outs, in]
         self.weight = mx.contiguous(rows.T) if transposed else rows
         start = 0
@@ -76,8 +83,8 @@ class LinearPack:
             for layer, n in zip(self.linears, self.sizes):
                 layer.bias, start = self.bias[start:start + n], start + n
         self.transposed = transposed
-        self._ptrs = self._pointers()
-        mx.eval(self._ptrs, self.weight)
+        self._storage = self._parameters()
+        mx.eval(self._storage, self.weight)
 
     def __call__(self, x) -> list:
         """Each layer's output, in order (parts of one product's output when packed)."""
@@ -87,8 +94,7 @@ class LinearPack:
         y = x @ self.weight if self.transposed else x @ self.weight.T
         if self.bias is not None:
             y = y + self.bias
-        cuts = [sum(self.sizes[:i]) for i in range(1, len(self.sizes))]
-        return mx.split(y, cuts, -1)
+        return mx.split(y, self.cuts, -1)
 
 
 def rotary(x, positions, inv_freq):
@@ -359,6 +365,11 @@ class Block(nn.Module):
     def new_cache(self, batch_size: int):
         """This block's empty cache (common.sleep): the mixer decides its kind."""
         return (self.attn if self.kind == "A" else self.ssm).new_cache(batch_size)
+
+    def packs(self) -> list[LinearPack]:
+        """This block's LinearPacks (HybridLM.for_inference packs them)."""
+        packs = [self.attn.qkv, self.attn.out] if self.kind == "A" else [self.ssm.inputs, self.ssm.out]
+        return packs + ([self.mlp.gate_up, self.mlp.down] if self.has_mlp else [])
 
     def __call__(self, h, *cache):
         """cache: (AttentionCache, start, store) for attention, (state, conv_tail) for SSM.

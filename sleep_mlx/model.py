@@ -66,18 +66,15 @@ class HybridLM(nn.Module):
         mx.eval(self.parameters())  # loading is eager, as in torch
 
     def for_inference(self) -> HybridLM:
-        """Ready for generation (chat, serve, generate): eval mode, and every weight matrix stored
-        transposed, without copies (layers.LinearPack: q/k/v, the MLP's gate/up and the SSM inputs as
-        one product each; quantized layers stay as they are), where mlx[cpu]'s products run about 2x faster (docs/BENCHMARKS.md section 5).
-        The numbers equal the default layout's. Returns self (sleep_torch's HybridLM.for_inference)."""
+        """Ready for generation (chat, serve, generate): eval mode, and the weights laid out for decoding
+        without copies: every layers.LinearPack packed (q/k/v, gate/up and the SSM inputs as one product
+        each, every matrix stored transposed, where mlx[cpu]'s products run about 2x faster) and the LM
+        head's matrix stored transposed; quantized layers stay as they are (docs/DESIGN.md "Inference
+        layout"). The numbers equal the default layout's. Returns self."""
         self.eval()
         for block in self.layers:
-            mixer = block.attn if block.kind == "A" else block.ssm
-            for pack in (mixer.qkv, mixer.out) if block.kind == "A" else (mixer.inputs, mixer.out):
-                pack.pack(transposed=True)
-            if block.has_mlp:
-                block.mlp.gate_up.pack(transposed=True)
-                block.mlp.down.pack(transposed=True)
+            for pack in block.packs():
+                pack.pack()
         owner = self.embed if self.config.tie_embeddings else self.lm_head
         if type(owner) in (nn.Embedding, nn.Linear):  # not a quantized head
             owner.weight = mx.contiguous(owner.weight.T).T

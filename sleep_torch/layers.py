@@ -37,35 +37,41 @@ class LinearPack:
     Until `pack` the layers run one by one (training, and every model by default). `pack` moves their
     weights (and biases) into one buffer and makes each parameter a view of its part, so the packed
     product costs no extra memory and sees every later write through the parameters (`load_arrays`, an
-    optimizer step). `transposed` stores the buffer as [in, sum of outs]: MKL's one-token product runs
-    up to 1.9x faster in that layout when the outputs outnumber the inputs, while its multi-token
-    products are faster in the default one (docs/BENCHMARKS.md section 5), so the packed product runs
-    for inputs of at most FUSED_MAX_TOKENS tokens without autograd; otherwise (a prompt, training, or
-    after `module.to(...)` gave the parameters new storage) the layers run one by one on their
-    parameters, whatever their layout.
+    optimizer step). The buffer is stored transposed, [in, sum of outs], when the outputs number at
+    least TRANSPOSE_RATIO x the inputs: MKL's one-token product runs up to 1.7x faster in that layout
+    for such shapes and no faster for the others, while its multi-token products are faster in the
+    default one (docs/BENCHMARKS.md section 5). So the packed product runs for inputs of at most
+    FUSED_MAX_TOKENS tokens without autograd; otherwise (a prompt, training, or after `module.to(...)`
+    gave the parameters new storage) the layers run one by one on their parameters, whatever their
+    layout. One layer in the default layout has nothing to gain and is left as it is.
     """
 
     FUSED_MAX_TOKENS = 1
+    TRANSPOSE_RATIO = 2
 
     def __init__(self, owner: nn.Module, *names: str):
         self.owner, self.names = owner, names  # by name: a module replaced later (nn.quantize) is seen
-        self.weight = self.bias = self.transposed = self._ptrs = None
+        self.weight = self.bias = self.transposed = self._storage = None
         self.sizes = [layer.out_features for layer in self.linears]
 
     @property
     def linears(self) -> list:
         return [getattr(self.owner, name) for name in self.names]
 
-    def _pointers(self):
+    def _parameters(self):
+        """What identifies the parameters' storage (data pointers)."""
         return [p.data_ptr() for layer in self.linears for p in (layer.weight, layer.bias) if p is not None]
 
     def _valid(self) -> bool:
         """Packed, and every parameter still a view of the buffer (else the buffer is let go)."""
-        if self._ptrs is not None and self._pointers() != self._ptrs:
-            self.weight = self.bias = self._ptrs = None
-        return self._ptrs is not None
+        if self._storage is not None and self._parameters() != self._storage:
+            self.weight = self.bias = self._storage = None
+        return self._storage is not None
 
-    def pack(self, transposed: bool = False) -> None:
+    def pack(self) -> None:
+        transposed = sum(self.sizes) >= self.TRANSPOSE_RATIO * self.linears[0].in_features
+        if not transposed and len(self.sizes) == 1:
+            return
         with torch.no_grad():
             rows = torch.cat([layer.weight.detach() for layer in self.linears])  # [sum of outs, in]
             self.weight = rows.t().contiguous() if transposed else rows
@@ -79,7 +85,7 @@ class LinearPack:
                 for layer, n in zip(self.linears, self.sizes):
                     layer.bias.data, start = self.bias[start:start + n], start + n
         self.transposed = transposed
-        self._ptrs = self._pointers()
+        self._storage = self._parameters()
 
     def __call__(self, x) -> list:
         """Each layer's output, in order (views of one product's output when packed)."""
@@ -363,6 +369,11 @@ class Block(nn.Module):
     def new_cache(self, batch_size: int):
         """This block's empty cache (common.sleep): the mixer decides its kind."""
         return (self.attn if self.kind == "A" else self.ssm).new_cache(batch_size)
+
+    def packs(self) -> list[LinearPack]:
+        """This block's LinearPacks (HybridLM.for_inference packs them)."""
+        packs = [self.attn.qkv, self.attn.out] if self.kind == "A" else [self.ssm.inputs, self.ssm.out]
+        return packs + ([self.mlp.gate_up, self.mlp.down] if self.has_mlp else [])
 
     def forward(self, h, *cache):
         """cache: (AttentionCache, start, store) for attention, (state, conv_tail) for SSM.

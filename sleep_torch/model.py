@@ -64,18 +64,14 @@ class HybridLM(nn.Module):
 
     def for_inference(self) -> HybridLM:
         """Ready for generation (chat, serve, generate): eval mode, no gradients, and the weights laid out
-        for one-token steps, without copies (layers.LinearPack): attention q/k/v as one product, the
-        MLP's gate/up, the SSM input projections and the LM head's matrix stored transposed, where MKL's
-        one-token product is faster (docs/BENCHMARKS.md section 5). The numbers equal the default layout's
-        up to float rounding (summation order). Returns self."""
+        for one-token steps without copies: every layers.LinearPack packed (q/k/v, gate/up and the SSM
+        inputs as one product each, stored transposed where MKL's one-token product is faster) and the
+        LM head's matrix stored transposed (docs/DESIGN.md "Inference layout"). The numbers equal the
+        default layout's up to float rounding (summation order). Returns self."""
         self.eval().requires_grad_(False)
         for block in self.layers:
-            if block.kind == "A":
-                block.attn.qkv.pack()
-            else:
-                block.ssm.inputs.pack(transposed=True)
-            if block.has_mlp:
-                block.mlp.gate_up.pack(transposed=True)
+            for pack in block.packs():
+                pack.pack()
         head = self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
         head.data = head.detach().t().contiguous().t()
         return self

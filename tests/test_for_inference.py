@@ -12,9 +12,11 @@ import sleep_mlx  # noqa: E402
 import sleep_torch  # noqa: E402
 
 BACKENDS = {"torch": (sleep_torch, lambda a: torch.tensor(a)), "mlx": (sleep_mlx, lambda a: mx.array(a))}
-CONFIGS = {  # every LinearPack shape: GQA, q/k/v biases, q/k norm, untied head, MLP-free SSM blocks
+CONFIGS = {  # every LinearPack shape: GQA, q/k/v biases, q/k norm, untied head, MLP-free SSM blocks, and
+    # (gqa-rows) torch's q/k/v pack in the default layout (fewer than 2x as many outputs as inputs)
     "gqa-tied": dict(pattern="ASA", n_layers=3, n_heads=4, n_kv_heads=2, window=6, eviction="sliding"),
     "bias-untied": dict(pattern="AAS", n_layers=3, attn_bias=True, tie_embeddings=False, window=5),
+    "gqa-rows": dict(pattern="AS", n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, mlp_hidden=64, window=5),
     "qknorm-ssm-no-mlp": dict(pattern="ASSA", n_layers=4, qk_norm=True, ssm_mlp=False, window=5, sleep_passes=3),
 }
 TOKENS = np.random.default_rng(0).integers(0, 16, (1, 17))
