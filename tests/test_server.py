@@ -239,9 +239,9 @@ def test_sixteen_concurrent_clients_finish(served):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert not errors and sorted(done) == list(range(16))
+    assert not errors and sorted(done) == list(range(16)), (errors, sorted(done))
     stats = served.engine.stats()
-    assert stats["completed"] == 32 and stats["running_or_waiting"] == 0 and stats["snapshot_hits"] >= 16
+    assert stats["completed"] == 32 and stats["running_or_waiting"] == 0 and stats["snapshot_hits"] >= 16, stats
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
